@@ -1,0 +1,264 @@
+"""The builtin stand-in for MedGemma-4b-it: a tiny random Gemma 3 that runs on a CPU.
+
+Same classes (``Gemma3ForConditionalGeneration``, ``Gemma3Processor``), the same chat
+template and special tokens as ``google/medgemma-4b-it``, and a SentencePiece tokenizer
+trained here, so every later stage loads it through the Auto classes exactly as it loads the
+real model. Only the sizes differ. The vision keys are saved in the original checkpoint
+layout (``vision_tower.vision_model.*``) and SigLIP has no pooling head, as in MedGemma.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import ModelConfig
+from .prompts import DEFAULT_PROMPTS
+from .data.kvasir import ANSWER_VOCAB, QUESTIONS
+
+# Gemma's specials in Gemma's order where the real vocabulary fixes one (pad 0, eos 1, bos 2,
+# unk 3); the turn and image markers follow; <image_soft_token> comes last, as in the real one.
+PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+USER_SYMBOLS = [MASK, START_OF_TURN, END_OF_TURN, BOI, EOI, "\n", "\n\n"]
+
+# google/gemma-3-4b-it and google/medgemma-4b-it tokenizer_config.json, verbatim.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n"
+)
+
+# Mirrors google/medgemma-4b-it's tokenizer_config.json: Gemma3Processor reads these names.
+EXTRA_SPECIAL_TOKENS = {"boi_token": BOI, "eoi_token": EOI, "image_token": IMAGE_TOKEN}
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tokenizer learns its merges from: every question, answer and prompt we use."""
+    lines = list(QUESTIONS)
+    for vocab in ANSWER_VOCAB.values():
+        lines.extend(vocab)
+    lines.append(DEFAULT_PROMPTS["static"])
+    for cat in DEFAULT_PROMPTS["categories"].values():
+        lines.append(cat["prompt"])
+        lines.extend(cat["keywords"])
+    lines.extend([
+        "The quick brown fox jumps over the lazy dog.",
+        "yes no none not relevant 0 1 2 3 4 5 6 7 8 9 10 16 20 mm ; , . ? ! - < > ( ) \" '",
+        "colonoscopy gastroscopy capsule endoscopy polyp ulcerative colitis oesophagitis",
+    ])
+    # Repeat so SentencePiece sees enough sentences to fill the vocabulary.
+    return [line for line in lines for _ in range(4)]
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> Path:
+    """Train a byte-fallback BPE SentencePiece model like Gemma's; returns tokenizer.model."""
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(_tokenizer_corpus()) + "\n")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(Path(tmp) / "tokenizer"),
+            model_type="bpe",
+            vocab_size=vocab_size - 1,  # <image_soft_token> is appended last, as in Gemma
+            byte_fallback=True,
+            character_coverage=1.0,
+            pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+            pad_piece=PAD, eos_piece=EOS, bos_piece=BOS, unk_piece=UNK,
+            user_defined_symbols=USER_SYMBOLS + [IMAGE_TOKEN],
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            hard_vocab_limit=False,
+            minloglevel=2,
+            num_threads=1,
+        )
+        target = out_dir / "tokenizer.model"
+        shutil.copy(Path(tmp) / "tokenizer.model", target)
+    return target
+
+
+def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Path:
+    """Write a loadable tiny Gemma 3 model folder (weights, processor, tokenizer) to ``out_dir``."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        GemmaTokenizer,
+    )
+
+    cfg = cfg or ModelConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # Tokenizer: SentencePiece model converted by transformers, as the hub checkpoints are.
+    sp_model = train_tokenizer(out_dir, cfg.tiny_vocab_size, cfg.seed)
+    tokenizer = GemmaTokenizer.from_pretrained(
+        str(out_dir),
+        extra_special_tokens=EXTRA_SPECIAL_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",
+    )
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in [PAD, EOS, BOS, UNK, BOI, EOI, IMAGE_TOKEN]}
+    expected = {PAD: 0, EOS: 1, BOS: 2, UNK: 3}
+    for tok, want in expected.items():
+        if ids[tok] != want:
+            raise RuntimeError(f"tiny tokenizer: {tok} has id {ids[tok]}, Gemma's is {want}")
+    vocab_size = len(tokenizer)
+
+    # Shapes: MedGemma's layout in miniature. 64 px / patch 8 = 8x8 patches, pooled 2x2 -> 16
+    # image tokens (MedGemma: 896 px / 14 = 64x64, pooled 4x4 -> 256).
+    image_size = cfg.tiny_image_size
+    patch = image_size // 8
+    hidden = cfg.tiny_hidden_size
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=cfg.tiny_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            query_pre_attn_scalar=hidden // 4,
+            sliding_window=128,
+            layer_types=["sliding_attention"] * (cfg.tiny_layers - 1) + ["full_attention"],
+            max_position_embeddings=2048,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            pad_token_id=ids[PAD], eos_token_id=ids[EOS], bos_token_id=ids[BOS],
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            image_size=image_size,
+            patch_size=patch,
+            hidden_size=hidden // 2,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=16,
+        boi_token_index=ids[BOI],
+        eoi_token_index=ids[EOI],
+        image_token_index=ids[IMAGE_TOKEN],
+        tie_word_embeddings=True,
+    )
+    config.text_config.eos_token_id = [ids[EOS], tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    model = Gemma3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [ids[EOS], tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    model.generation_config.pad_token_id = ids[PAD]
+    model.generation_config.bos_token_id = ids[BOS]
+    model.generation_config.do_sample = False
+
+    # The PIL backend: torchvision (the fast backend) has no build for the pinned CPU torch.
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+    )
+    processor = Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=config.mm_tokens_per_image,
+    )
+
+    save_model_in_original_layout(model, out_dir)
+    processor.save_pretrained(out_dir)
+    if not (out_dir / "tokenizer.model").exists():
+        shutil.copy(sp_model, out_dir / "tokenizer.model")
+    (out_dir / "vqatune_builtin.json").write_text(
+        json.dumps({"model_id": cfg.id, "seed": cfg.seed, "vocab_size": vocab_size,
+                    "image_size": image_size}, indent=2) + "\n")
+    return out_dir
+
+
+# transformers 5 saves Gemma 3 with its runtime names; llama.cpp's converter (and
+# google/medgemma-4b-it itself) use the original checkpoint layout. Both load in transformers.
+# transformers 5.17 already writes `language_model.model.*` but `vision_tower.embeddings.*`
+# (no `vision_model.`), on which the mmproj conversion fails (shared/reference/gguf-export.md).
+_ORIGINAL_PREFIXES = [
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("vision_tower.", "vision_tower.vision_model."),
+]
+
+
+def original_layout_key(key: str) -> str:
+    for new, old in _ORIGINAL_PREFIXES:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def save_model_in_original_layout(model, out_dir: str | Path) -> None:
+    """``save_pretrained`` then rename tensors to the layout llama.cpp's converter reads."""
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for shard in sorted(out_dir.glob("model*.safetensors")):
+        tensors = load_file(str(shard))
+        renamed = {original_layout_key(k): v.contiguous() for k, v in tensors.items()}
+        save_file(renamed, str(shard), metadata={"format": "pt"})
+    index = out_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {original_layout_key(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
