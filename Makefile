@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Stages run `python`: the one in .venv, also when the venv is not activated.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install repro test test-slow clean-venv
 
