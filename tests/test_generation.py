@@ -1,0 +1,89 @@
+"""The shared generator: batching and sorting never change an answer; the prompt is cut by
+position and only the stripped answer comes back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqatune.data.kvasir import QUESTIONS
+from vqatune.generation import generate_answers, prompt_texts
+from vqatune.model import load_base_model, load_processor
+from vqatune.prompts import PROMPT_MODES, PromptsConfig, build_messages
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_base_model(tiny_model_dir, device="cpu"), load_processor(tiny_model_dir)
+
+
+def _inputs(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+    prompts = PromptsConfig()
+    # Mixed prompt modes give very different prompt lengths, hence real left padding.
+    messages = [build_messages(QUESTIONS[(5 * i) % len(QUESTIONS)], PROMPT_MODES[i % 3], prompts)
+                for i in range(n)]
+    return messages, images
+
+
+def test_batched_answers_equal_one_at_a_time(tiny):
+    model, processor = tiny
+    messages, images = _inputs(7)
+    texts = prompt_texts(processor, messages)
+    lengths = {len(processor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts}
+    assert len(lengths) >= 3, "inputs must differ in length for padding to matter"
+
+    batched = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6)
+    single = [generate_answers(model, processor, [m], [im], batch_size=1, max_new_tokens=6)[0]
+              for m, im in zip(messages, images)]
+    assert batched == single
+    assert any(batched), "the random model must say something for the comparison to mean anything"
+    assert not model.training
+
+
+def test_prompt_has_one_bos(tiny):
+    _, processor = tiny
+    messages, images = _inputs(1)
+    text = prompt_texts(processor, messages)[0]
+    ids = processor(text=[text], images=[images], add_special_tokens=False)["input_ids"][0]
+    assert list(ids).count(processor.tokenizer.bos_token_id) == 1
+    assert text.endswith("<start_of_turn>model\n")
+
+
+class _EchoModel(torch.nn.Module):
+    """Answers `` yes `` then end-of-turn and padding to every prompt, whatever its length."""
+
+    def __init__(self, answer_ids: list[int], pad_id: int, eos_id: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 2)
+        self.answer = answer_ids + [eos_id, pad_id, pad_id]
+        self.seen_padding_side = []
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        # Left padding: every row's first column of a shorter prompt is padding, its last is not.
+        self.seen_padding_side.append(bool((attention_mask[:, -1] == 1).all()))
+        tail = torch.tensor(self.answer[:max_new_tokens]).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_answer_is_the_stripped_remainder_after_the_prompt(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    echo = _EchoModel(tok(" yes ", add_special_tokens=False)["input_ids"], tok.pad_token_id,
+                      tok.convert_tokens_to_ids("<end_of_turn>"))
+    messages, images = _inputs(5)
+    answers = generate_answers(echo, processor, messages, images, batch_size=3, max_new_tokens=20)
+    assert answers == ["yes"] * 5
+    assert echo.seen_padding_side == [True, True]
+
+
+def test_mismatched_inputs_are_refused(tiny):
+    model, processor = tiny
+    messages, images = _inputs(2)
+    with pytest.raises(ValueError, match="2 message lists for 1 images"):
+        generate_answers(model, processor, messages, images[:1])
