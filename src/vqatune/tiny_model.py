@@ -117,8 +117,16 @@ def train_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> Path:
             minloglevel=2,
             num_threads=1,
         )
+        # The model proto records the temporary training paths; clear them so that the same
+        # seed gives byte-identical files (DVC hashes them).
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString((Path(tmp) / "tokenizer.model").read_bytes())
+        del proto.trainer_spec.input[:]
+        proto.trainer_spec.model_prefix = ""
         target = out_dir / "tokenizer.model"
-        shutil.copy(Path(tmp) / "tokenizer.model", target)
+        target.write_bytes(proto.SerializeToString())
     return target
 
 
@@ -220,6 +228,12 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
     processor.save_pretrained(out_dir)
     if not (out_dir / "tokenizer.model").exists():
         shutil.copy(sp_model, out_dir / "tokenizer.model")
+    # transformers records the absolute path it read tokenizer.model from; it is not needed to
+    # load the folder, and it would make two builds differ.
+    tok_cfg_path = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg.pop("vocab_file", None)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     (out_dir / "vqatune_builtin.json").write_text(
         json.dumps({"model_id": cfg.id, "seed": cfg.seed, "vocab_size": vocab_size,
                     "image_size": image_size}, indent=2) + "\n")

@@ -126,7 +126,10 @@ def make_scene(source: str, rng: random.Random) -> tuple[Image.Image, list[Thing
     gastro = source == "Esophagitis"
     draw_background(draw, w, h, rng, gastro)
     things: list[Thing] = []
-    cells = list(K.GRID_CELLS)
+    flags = {"box": rng.random() < 0.31, "text": rng.random() < 0.79}
+    # Nothing is placed under an overlay, so every stated object stays visible.
+    cells = [c for c in K.GRID_CELLS if not (flags["box"] and c == "lower-left")
+             and not (flags["text"] and c == "upper-left")]
     rng.shuffle(cells)
 
     if source == "Polyps" or (source == "Instrument" and rng.random() < 0.4):
@@ -165,7 +168,6 @@ def make_scene(source: str, rng: random.Random) -> tuple[Image.Image, list[Thing
         elif t.kind == "landmark":
             draw_landmark(draw, t, w, h, rng)
 
-    flags = {"box": rng.random() < 0.31, "text": rng.random() < 0.79}
     if flags["box"]:  # ScopeGuide picture-in-picture, lower left
         draw.rectangle([0, int(h * 0.68), int(w * 0.28), h], fill=(10, 10, 10), outline=(30, 200, 60),
                        width=3)
@@ -192,7 +194,6 @@ def answers_for(things: list[Thing], flags: dict, source: str, rng: random.Rando
     landmarks = [t for t in things if t.kind == "landmark"]
     abnormality_names = sorted({t.name for t in findings})
     answers = {
-        K.Q_ABNORMALITY: "; ".join(abnormality_names) if abnormality_names else "none",
         K.Q_LANDMARK: "; ".join(sorted({t.name for t in landmarks})) or "none",
         K.Q_INSTRUMENT: "; ".join(sorted({t.name for t in instruments})) or "none",
         K.Q_POLYPS_REMOVED: "no" if polyps else ("yes" if source == "Instrument" else "not relevant"),
@@ -216,7 +217,8 @@ def answers_for(things: list[Thing], flags: dict, source: str, rng: random.Rando
         answers[K.Q_SIZE] = ";".join(sizes)
     else:
         answers[K.Q_SIZE] = "none"
-    if findings:
+    if findings:  # Kvasir asks these only where there is a finding
+        answers[K.Q_ABNORMALITY] = "; ".join(abnormality_names)
         answers[K.Q_COUNT_FINDINGS] = str(len(findings))
         colours = []
         for t in findings:

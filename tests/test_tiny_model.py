@@ -1,0 +1,76 @@
+"""The builtin tiny model loads exactly as google/medgemma-4b-it does."""
+import json
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+
+def test_loads_through_auto_classes_with_gemma_tokens(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(processor).__name__ == "Gemma3Processor"
+    tok = processor.tokenizer
+    assert [tok.convert_tokens_to_ids(t) for t in ("<pad>", "<eos>", "<bos>", "<unk>")] == [0, 1, 2, 3]
+    for t in ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"):
+        assert tok.convert_tokens_to_ids(t) != tok.unk_token_id, t
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image_soft_token>")
+    assert (tiny_model_dir / "tokenizer.model").exists()
+
+
+def test_chat_template_renders_gemma3_format(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there text?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>Is there text?<end_of_turn>\n"
+                    "<start_of_turn>model\nyes<end_of_turn>\n")
+    prompt = processor.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<start_of_turn>model\n")
+
+
+def test_one_forward_pass_gives_finite_loss(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there text?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    batch = processor(text=[text], images=[[Image.new("RGB", (90, 70), (200, 40, 40))]],
+                      return_tensors="pt", add_special_tokens=False)
+    n_image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert n_image_tokens == processor.image_seq_length == 16
+    assert int(batch["token_type_ids"].sum()) == n_image_tokens
+    out = model(**batch, labels=batch["input_ids"])
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+
+
+def test_checkpoint_uses_the_layout_llama_cpp_reads(tiny_model_dir):
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("vision_tower.vision_model.embeddings.") for k in keys)
+    assert not any(k.startswith("vision_tower.embeddings.") for k in keys)
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    assert any(k.startswith("multi_modal_projector.") for k in keys)
+    assert not any("head" in k and "vision" in k for k in keys)  # no SigLIP pooling head
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["vision_config"]["vision_use_head"] is False
+
+
+def test_build_is_deterministic(tmp_path):
+    from vqatune.config import ModelConfig
+    from vqatune.provenance import fingerprint
+    from vqatune.tiny_model import build_tiny_gemma3
+
+    a = build_tiny_gemma3(tmp_path / "a", ModelConfig())
+    b = build_tiny_gemma3(tmp_path / "b", ModelConfig())
+    assert fingerprint(a) == fingerprint(b)
