@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
+from . import tracing
+
 
 class ConfigError(ValueError):
     """A params value a user must fix; the message is one actionable line."""
@@ -110,7 +112,7 @@ def build(cls: type, raw: Any, prefix: str):
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate(prefix)
-    return obj
+    return tracing.traced(obj, prefix)
 
 
 def section(params: dict, name: str, cls: type):

@@ -178,7 +178,9 @@ def _process(ds, cfg: PrepareConfig, prompts: PromptsConfig, desc: str):
         }) for m in PROMPT_MODES},
     })
     return ds.map(RowProcessor(cfg, prompts), batched=True, batch_size=64, with_indices=True,
-                  remove_columns=ds.column_names, features=features, num_proc=cfg.num_proc,
+                  remove_columns=ds.column_names, features=features,
+                  # datasets 5 runs even num_proc=1 in a worker process; None stays in this one.
+                  num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
                   desc=desc, load_from_cache_file=False)
 
 
