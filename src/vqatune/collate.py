@@ -1,0 +1,114 @@
+"""Batches for training: chat-templated prompt + image, and labels on the answer only.
+
+Why a collator of ours and not TRL's ``DataCollatorForVisionLanguageModeling``:
+- Its conversational path masks nothing but padding unless the chat template carries
+  ``{% generation %}`` markers (Gemma 3's has none, and it needs transformers >= 5.18), so the
+  system prompt, question and image tokens would be trained on, the guide's defect.
+- Its prompt/completion path does mask the prompt, but needs the data reshaped into
+  prompt/completion columns per prompt mode and always flushes the batch to the left (right
+  padding only); here the padding side is a param and the prompt mode is a column choice.
+What we share with it: prompt and answer are tokenized separately and concatenated. That is
+exactly what the model sees at inference (the templated prompt, then the tokens it generates),
+whereas tokenizing the whole text could merge tokens across the prompt/answer boundary.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+
+from .prompts import PROMPT_MODES
+
+IGNORE_INDEX = -100
+END_OF_TURN = "<end_of_turn>"
+
+
+def prompt_text(processor, messages: list[dict]) -> str:
+    """The templated prompt up to and including ``<start_of_turn>model\\n``."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def answer_text(processor, messages: list[dict]) -> str:
+    """The assistant turn as the template renders it (trimmed), ending with ``<end_of_turn>``.
+
+    Taken from the rendered conversation rather than the raw answer so that whatever the template
+    does to an answer (trim) is what the model learns; the newline after the turn end is dropped:
+    generation stops at ``<end_of_turn>``, so nothing after it is ever produced.
+    """
+    full = processor.apply_chat_template(messages, tokenize=False)
+    prompt = prompt_text(processor, messages)
+    if not full.startswith(prompt):
+        raise ValueError("chat template renders the prompt differently with and without the answer")
+    completion = full[len(prompt):]
+    end = completion.rfind(END_OF_TURN)
+    if end < 0:
+        raise ValueError(f"rendered answer has no {END_OF_TURN}: {completion!r}")
+    return completion[: end + len(END_OF_TURN)]
+
+
+@dataclasses.dataclass
+class AnswerOnlyCollator:
+    """Rows of ``data/processed`` -> model inputs with loss on answer + ``<end_of_turn>`` only.
+
+    Masked with -100: the (system) prompt, question, every image token and padding. Left padding
+    suits generation (new tokens append on the right); right padding is the trainer's default.
+    Prompts are never truncated (Gemma 3 needs every image token); with ``max_length`` the answer
+    tail is cut and ``truncated`` counts the rows it happened to.
+    """
+
+    processor: Any
+    prompt_mode: str = "none"
+    padding_side: str = "right"
+    max_length: Optional[int] = None
+    truncated: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {', '.join(PROMPT_MODES)}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side {self.padding_side!r} is not 'left' or 'right'")
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+
+    @property
+    def messages_column(self) -> str:
+        return f"messages_{self.prompt_mode}"
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        messages = [row[self.messages_column] for row in rows]
+        prompts = self.processor(
+            text=[prompt_text(self.processor, m) for m in messages],
+            images=[[row["image"]] for row in rows],
+            add_special_tokens=False,  # the template already starts with <bos>
+        )
+        answers = self.processor.tokenizer([answer_text(self.processor, m) for m in messages],
+                                           add_special_tokens=False)["input_ids"]
+        sequences, labels, token_types = [], [], []
+        for prompt_ids, prompt_types, answer_ids in zip(prompts["input_ids"], prompts["token_type_ids"],
+                                                        answers):
+            if self.max_length is not None and len(prompt_ids) + len(answer_ids) > self.max_length:
+                self.truncated += 1
+                answer_ids = answer_ids[: max(self.max_length - len(prompt_ids), 0)]
+            sequences.append(list(prompt_ids) + list(answer_ids))
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + list(answer_ids))
+            token_types.append(list(prompt_types) + [0] * len(answer_ids))
+        batch = {
+            "input_ids": self._pad(sequences, self.pad_token_id),
+            "attention_mask": self._pad([[1] * len(s) for s in sequences], 0),
+            "token_type_ids": self._pad(token_types, 0),
+            "labels": self._pad(labels, IGNORE_INDEX),
+            "pixel_values": torch.stack([torch.as_tensor(p) for p in prompts["pixel_values"]]),
+        }
+        return batch
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "left":
+                out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            else:
+                out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
