@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print library versions and the device")
     info.set_defaults(func=_info)
+    from .ask import add_parser as add_ask
+
+    add_ask(sub)
     return parser
 
 

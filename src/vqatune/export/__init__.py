@@ -1,0 +1,1 @@
+"""Merge the adapter, export GGUF for llama.cpp and an Ollama Modelfile."""

@@ -1,0 +1,213 @@
+"""Fuse the LoRA adapter into its base model and save a checkpoint llama.cpp's converter reads.
+
+The base is reloaded unquantized (bf16/fp16/fp32), never in 4-bit: merging into a 4-bit model
+loses precision (peft #2321) and the converter cannot map its ``absmax`` tensors (llama.cpp
+#12923). Gemma 3 ties its output head to the input embeddings; the merged model keeps them tied
+(an adapter that trained both apart, peft #2777, is refused rather than saved half-right).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..config import require
+
+log = logging.getLogger(__name__)
+
+MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+# The checkpoint layout of google/medgemma-4b-it, the one convert_hf_to_gguf.py maps
+# (shared/reference/gguf-export.md): anything else fails the mmproj conversion.
+ORIGINAL_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
+                     "multi_modal_projector.")
+# Files the processor and tokenizer need beside the weights; tokenizer.model is what gives the
+# GGUF a SentencePiece vocabulary, and transformers 5 does not write it back on save.
+TOKENIZER_FILES = ("tokenizer.model",)
+PROBE_QUESTION = "Are there any abnormalities in the image?"
+
+
+class MergeError(RuntimeError):
+    """The merge cannot produce a faithful checkpoint; the message says what to change."""
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    """`merge:` — how the adapter is fused into the base model."""
+
+    # The dtype the base is reloaded, merged and saved in; never a quantized one. auto: the
+    # checkpoint's own dtype (MedGemma: bfloat16, 8.6 GB; the builtin tiny model: float32).
+    # float32 merges most exactly but doubles the files; the GGUF's outtype is chosen at export.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Merging is one small matmul per adapted layer: cpu needs no GPU and ~1x the model in RAM.
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    # Compare base+adapter logits with the merged model's on one probe (image + question) and
+    # stop when they differ by more than verify_rtol of the largest logit. bf16 rounds the fused
+    # weights (~0.4% each): expect ~1e-2 there, ~1e-6 in float32.
+    verify: bool = True
+    verify_rtol: float = 0.05
+
+    def validate(self, p: str) -> None:
+        require(self.verify_rtol > 0, f"{p}.verify_rtol", "must be a positive number")
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str:
+    """The dtype a checkpoint was saved in (config.json), bfloat16 when it does not say."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    for holder in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if holder.get(key) in MERGE_DTYPES[1:]:
+                return holder[key]
+    return "bfloat16"
+
+
+def tensor_names(model_dir: str | Path) -> list[str]:
+    """Every tensor name in a folder's safetensors files, read from the headers only."""
+    from safetensors import safe_open
+
+    names = []
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as fh:
+            names.extend(fh.keys())
+    return names
+
+
+def layout_problems(model_dir: str | Path) -> list[str]:
+    """Tensor names outside the layout llama.cpp's converter reads (empty when all are fine)."""
+    return [name for name in tensor_names(model_dir) if not name.startswith(ORIGINAL_PREFIXES)]
+
+
+def _check_dirs(base_dir: Path, adapter_dir: Path) -> None:
+    if not (base_dir / "config.json").is_file():
+        raise MergeError(f"{base_dir}/config.json not found; run the base_model stage or pass --base")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter_dir}/adapter_config.json not found; run the train stage or "
+                         "pass --adapter")
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    saved = set(adapter_cfg.get("modules_to_save") or [])
+    if {"lm_head", "embed_tokens"} <= saved:
+        raise MergeError(f"{adapter_dir}: the adapter trains lm_head and embed_tokens apart "
+                         "(modules_to_save), which unties Gemma's shared embeddings (peft #2777); "
+                         "retrain without them in modules_to_save")
+
+
+def keep_embeddings_tied(model) -> bool:
+    """Re-tie the output head to the input embeddings when the config ties them.
+
+    Returns whether they are tied. A head that differs from the embeddings cannot be kept:
+    Gemma 3 saves one matrix for both, and llama.cpp reads no separate output weight.
+    """
+    import torch
+
+    text_config = model.config.get_text_config()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)
+                or getattr(text_config, "tie_word_embeddings", False))
+    if not tied:
+        return False
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    if embed.data_ptr() != head.data_ptr():
+        if not torch.equal(embed, head):
+            raise MergeError("after the merge lm_head differs from embed_tokens but the model "
+                             "ties them; retrain without modules_to_save=[lm_head, embed_tokens]")
+        model.tie_weights()
+    return True
+
+
+def probe_inputs(processor, image_size: Optional[int] = None):
+    """One fixed question about one fixed image, tokenized as evaluation does."""
+    import numpy as np
+    from PIL import Image
+
+    from ..prompts import PromptsConfig, build_messages
+
+    size = image_size or processor.image_processor.size.get("height", 64)
+    # A smooth colour gradient: deterministic, and it exercises every vision patch.
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)),
+                       np.tile(ramp[:, None], (1, size))], axis=-1).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    messages = build_messages(PROBE_QUESTION, "none", PromptsConfig())
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The chat template already starts with <bos>.
+    return processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False)
+
+
+def probe_logits(model, inputs):
+    import torch
+
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    batch = {k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
+             for k, v in inputs.items()}
+    with torch.inference_mode():
+        return model(**batch).logits.float().cpu()
+
+
+def _copy_tokenizer_files(base_dir: Path, out_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file() and not (out_dir / name).exists():
+            shutil.copy2(base_dir / name, out_dir / name)
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                  cfg: MergeConfig, *, trust_remote_code: bool = False) -> dict:
+    """Write ``base + adapter`` fused into ``out_dir`` (weights, processor, tokenizer); returns
+    the metrics (dtype, parameter count, tied, probe logit difference).
+
+    ``out_dir`` appears complete or not at all: everything is written to a sibling first.
+    """
+    from peft import PeftModel
+
+    from ..model import load_base_model, load_processor, resolve_device
+    from ..tiny_model import save_model_in_original_layout
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    _check_dirs(base_dir, adapter_dir)
+    dtype = checkpoint_dtype(base_dir) if cfg.dtype == "auto" else cfg.dtype
+    device = resolve_device(None if cfg.device == "auto" else cfg.device)
+
+    # Model: the base unquantized, the adapter on top, then fused.
+    log.info("merging %s into %s (%s on %s)", adapter_dir, base_dir, dtype, device)
+    model = load_base_model(base_dir, quantization="none", dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code)
+    processor = load_processor(base_dir, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    model.eval()
+    probe = probe_inputs(processor) if cfg.verify else None
+    before = probe_logits(model, probe) if cfg.verify else None
+    model = model.merge_and_unload()
+    tied = keep_embeddings_tied(model)
+
+    metrics = {"dtype": dtype, "device": device, "tied_embeddings": tied,
+               "parameters": sum(p.numel() for p in model.parameters())}
+    if cfg.verify:
+        after = probe_logits(model, probe)
+        diff = float((after - before).abs().max())
+        scale = float(before.abs().max())
+        metrics.update(probe_max_abs_logit_diff=diff, probe_max_abs_logit=scale)
+        if diff > cfg.verify_rtol * scale:
+            raise MergeError(f"merged logits differ from base+adapter by {diff:.3g} (largest logit "
+                             f"{scale:.3g}, merge.verify_rtol {cfg.verify_rtol}); merge in float32 "
+                             "(merge.dtype: float32)")
+        log.info("probe: merged vs base+adapter logits differ by at most %.3g (largest %.3g)",
+                 diff, scale)
+
+    # Save: weights in the original layout, processor and tokenizer beside them.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_model_in_original_layout(model, staging)
+    processor.save_pretrained(staging)
+    _copy_tokenizer_files(base_dir, staging)
+    problems = layout_problems(staging)
+    if problems:
+        raise MergeError(f"merged tensor {problems[0]!r} (and {len(problems) - 1} more) is not in the "
+                         f"layout llama.cpp's converter reads ({', '.join(ORIGINAL_PREFIXES)})")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    metrics["tensors"] = len(tensor_names(out_dir))
+    return metrics
