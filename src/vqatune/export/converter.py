@@ -84,6 +84,18 @@ def _select_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return chosen
 
 
+def unpack_converter(sdist: Path, dest: Path) -> Path:
+    """Extract only the converter's files of ``sdist`` into ``dest`` (flattened to the
+    llama.cpp root); returns ``dest``."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = _select_members(tar)
+        # filter="data" refuses absolute paths, links out of the tree and device files.
+        tar.extractall(dest, members=members, filter="data")
+    if not (dest / SCRIPT).exists():
+        raise ConverterError(f"{sdist} holds no vendor/llama.cpp/{SCRIPT}")
+    return dest
+
+
 def install_converter(dest: Optional[Path] = None, sdist: Optional[Path] = None) -> Path:
     """Install the converter into ``dest`` (default: in the venv) unless it is there; returns
     the path of ``convert_hf_to_gguf.py``. ``sdist``: a local copy of the pinned tarball."""
@@ -99,13 +111,7 @@ def install_converter(dest: Optional[Path] = None, sdist: Optional[Path] = None)
         if digest != SDIST_SHA256:
             raise ConverterError(f"{sdist}: sha256 {digest} is not the pinned {SDIST_SHA256} of "
                                  f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}; refusing to run it")
-        staging = tmp / "converter"
-        with tarfile.open(sdist, "r:gz") as tar:
-            members = _select_members(tar)
-            # filter="data" refuses absolute paths, links out of the tree and device files.
-            tar.extractall(staging, members=members, filter="data")
-        if not (staging / SCRIPT).exists():
-            raise ConverterError(f"{sdist} holds no vendor/llama.cpp/{SCRIPT}")
+        staging = unpack_converter(sdist, tmp / "converter")
         (staging / ".sha256").write_text(SDIST_SHA256 + "\n")
         # Atomic for readers: a half-unpacked converter is never at ``dest``.
         if dest.exists():

@@ -172,6 +172,42 @@ def hparam_mismatches(text_path: str | Path, text_config) -> list[str]:
     return problems
 
 
+def mmproj_mismatches(mmproj_path: str | Path, config, image_processor) -> list[str]:
+    """Where llama.cpp's clip will see the vision tower differently from transformers: sizes,
+    normalisation, and the pooling that sets the number of image tokens."""
+    import math
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(mmproj_path))
+    vision = config.vision_config
+    per_side = vision.image_size // vision.patch_size
+    expected = {
+        "clip.vision.image_size": vision.image_size,
+        "clip.vision.patch_size": vision.patch_size,
+        "clip.vision.embedding_length": vision.hidden_size,
+        "clip.vision.feed_forward_length": vision.intermediate_size,
+        "clip.vision.block_count": vision.num_hidden_layers,
+        "clip.vision.attention.head_count": vision.num_attention_heads,
+        "clip.vision.projection_dim": config.get_text_config().hidden_size,
+        # llama.cpp pools Gemma 3's patch grid by 4 per side unless the file says otherwise.
+        "clip.vision.projector.scale_factor": per_side // math.isqrt(config.mm_tokens_per_image),
+    }
+    problems = []
+    for key, want in expected.items():
+        got = _field(reader, key)
+        if got is None and key == "clip.vision.projector.scale_factor":
+            got = 4
+        if got != want:
+            problems.append(f"{key} is {got}, config says {want}")
+    for key, want in (("clip.vision.image_mean", image_processor.image_mean),
+                      ("clip.vision.image_std", image_processor.image_std)):
+        got = _field(reader, key)
+        if got is None or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(got, want)):
+            problems.append(f"{key} is {got}, the processor says {list(want)}")
+    return problems
+
+
 def text_logit_difference(merged_dir: str | Path, text_path: str | Path) -> tuple[float, float]:
     """(max |logit difference|, max |logit|) of the text GGUF loaded by transformers vs the
     merged model's language model, on the probe question's tokens.
@@ -215,6 +251,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, 
     metrics. ``out_dir`` appears complete or not at all."""
     from transformers import AutoConfig
 
+    from ..model import load_processor
     from .ollama import write_modelfiles
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
@@ -240,8 +277,10 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, 
     metrics = {"outtype": cfg.outtype, "mmproj_outtype": cfg.mmproj_outtype,
                "text_tensors": text["tensors"], "text_bytes": text["bytes"],
                "mmproj_tensors": mmproj["tensors"], "mmproj_bytes": mmproj["bytes"]}
-    text_config = AutoConfig.from_pretrained(str(merged_dir)).get_text_config()
-    mismatches = hparam_mismatches(text_path, text_config)
+    config = AutoConfig.from_pretrained(str(merged_dir))
+    image_processor = load_processor(merged_dir).image_processor
+    mismatches = (hparam_mismatches(text_path, config.get_text_config())
+                  + mmproj_mismatches(mmproj_path, config, image_processor))
     for line in mismatches:
         log.warning("llama.cpp will differ from transformers: %s", line)
     metrics["llama_cpp_mismatches"] = mismatches

@@ -1,0 +1,76 @@
+"""Ask the exported GGUF pair a question about an image through llama.cpp itself.
+
+Needs only ``llama-cpp-python`` built from source (it compiles llama.cpp, ~8 min on 2 cores;
+it is not in requirements.txt), so it runs as a plain script in whichever environment has it:
+
+    pip install llama-cpp-python==0.3.36          # in a separate venv is fine
+    python src/vqatune/export/llama_cpp_client.py --model models/gguf/medgemma-kvasir.gguf \
+        --mmproj models/gguf/mmproj-medgemma-kvasir.gguf --image polyp.jpg \
+        --question "How many polyps are in the image?" [--system "..."]
+
+The chat template inside the GGUF renders the prompt (system text first in the user turn, the
+image before the question, as in evaluation); decoding is greedy. Prints one JSON line:
+the answer, the prompt and image token counts, and the llama-cpp-python version.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import mimetypes
+import sys
+from pathlib import Path
+
+
+def data_uri(path: Path) -> str:
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def ask(model: Path, mmproj: Path, image: Path, question: str, system: str | None = None,
+        max_tokens: int = 25, n_ctx: int = 2048) -> dict:
+    import llama_cpp
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
+    llm = Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx, n_gpu_layers=0,
+                verbose=False, seed=0)
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
+    messages.append({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_uri(image)}},
+        {"type": "text", "text": question},
+    ]})
+    reply = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                                       top_k=1, repeat_penalty=1.0, stop=["<end_of_turn>"])
+    return {
+        "answer": reply["choices"][0]["message"]["content"],
+        "finish_reason": reply["choices"][0]["finish_reason"],
+        "prompt_tokens": reply["usage"]["prompt_tokens"],
+        "completion_tokens": reply["usage"]["completion_tokens"],
+        "llama_cpp_python": llama_cpp.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="<name>.gguf")
+    parser.add_argument("--mmproj", type=Path, required=True, help="mmproj-<name>.gguf")
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--system", default=None, help="system prompt (e.g. prompts.static)")
+    parser.add_argument("--max-tokens", type=int, default=25)
+    args = parser.parse_args(argv)
+    for path in (args.model, args.mmproj, args.image):
+        if not path.is_file():
+            print(f"llama_cpp_client: {path} not found", file=sys.stderr)
+            return 3
+    print(json.dumps(ask(args.model, args.mmproj, args.image, args.question, args.system,
+                         args.max_tokens), ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The merge stage: fused weights give the same logits as base + adapter, saved in the layout
+llama.cpp's converter reads, with tied embeddings, processor and tokenizer.model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from export_helpers import make_perturbed_adapter
+from vqatune.export.merge import (ORIGINAL_PREFIXES, MergeConfig, MergeError, checkpoint_dtype,
+                                  layout_problems, merge_adapter, probe_inputs, probe_logits,
+                                  tensor_names)
+
+ROOT = Path(__file__).resolve().parents[1]
+# float32 merge: what remains is summation order, ~1e-6 on logits of ~0.7.
+FP32_TOLERANCE = 1e-4
+
+
+def _stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    return make_perturbed_adapter(tiny_model_dir, tmp_path_factory.mktemp("merge") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model_dir, adapter_dir, tmp_path_factory):
+    """models/merged and metrics/merge.json as the stage writes them (merge.dtype: float32)."""
+    work = tmp_path_factory.mktemp("merged")
+    params = work / "params.yaml"
+    params.write_text("merge:\n  dtype: float32\n  device: cpu\n")
+    out, metrics = work / "merged", work / "merge.json"
+    code = _stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(adapter_dir),
+                                 "--out", str(out), "--metrics", str(metrics), "--params", str(params)])
+    assert code == 0
+    return out, json.loads(metrics.read_text())
+
+
+def _load(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_merged_logits_equal_base_plus_adapter(tiny_model_dir, adapter_dir, merged):
+    from peft import PeftModel
+
+    from vqatune.model import load_processor
+
+    merged_dir, _ = merged
+    processor = load_processor(merged_dir)
+    inputs = probe_inputs(processor)  # an image and a question: both towers and the projector
+    base_logits = probe_logits(_load(tiny_model_dir), inputs)
+    with_adapter = probe_logits(PeftModel.from_pretrained(_load(tiny_model_dir), str(adapter_dir)), inputs)
+    fused = probe_logits(_load(merged_dir), inputs)
+
+    # The adapter matters (else the comparison below proves nothing) ...
+    assert (with_adapter - base_logits).abs().max() > 1e-2
+    # ... and the merged checkpoint, reloaded from disk, reproduces it.
+    assert (fused - with_adapter).abs().max() < FP32_TOLERANCE
+
+
+def test_merged_checkpoint_is_what_the_converter_reads(tiny_model_dir, merged):
+    merged_dir, metrics = merged
+    names = tensor_names(merged_dir)
+    assert layout_problems(merged_dir) == []
+    assert all(n.startswith(ORIGINAL_PREFIXES) for n in names)
+    assert any(n.startswith("vision_tower.vision_model.embeddings.") for n in names)
+    assert not any("lora_" in n or "modules_to_save" in n or "base_layer" in n for n in names)
+    # Tied: one matrix saved, and the reloaded head is the embedding matrix itself.
+    assert not any(n.endswith("lm_head.weight") for n in names)
+    model = _load(merged_dir)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert metrics["tied_embeddings"] is True
+    # Processor, SentencePiece model and chat template travel with the weights.
+    assert (merged_dir / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
+    assert (merged_dir / "processor_config.json").is_file()
+    assert "<start_of_turn>" in (merged_dir / "chat_template.jinja").read_text()
+    assert metrics["dtype"] == "float32" and metrics["tensors"] == len(names)
+    assert metrics["probe_max_abs_logit_diff"] < FP32_TOLERANCE
+
+
+def test_bfloat16_merge_is_saved_in_bfloat16(tiny_model_dir, adapter_dir, tmp_path):
+    from safetensors import safe_open
+
+    stats = merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "merged", MergeConfig(dtype="bfloat16"))
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as fh:
+        dtypes = {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    assert dtypes == {"BF16"}
+    # bf16 rounds each fused weight: the probe moves by ~1e-2, within the default 5% of scale.
+    assert 0 < stats["probe_max_abs_logit_diff"] < 0.05 * stats["probe_max_abs_logit"]
+
+
+def test_auto_dtype_is_the_checkpoints(tiny_model_dir, tmp_path):
+    assert checkpoint_dtype(tiny_model_dir) == "float32"
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    config["text_config"]["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert checkpoint_dtype(tmp_path) == "bfloat16"
+
+
+def test_adapter_that_unties_embeddings_is_refused(tiny_model_dir, adapter_dir, tmp_path):
+    untied = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, untied)
+    config = json.loads((untied / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["lm_head", "embed_tokens"]
+    (untied / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match="peft #2777"):
+        merge_adapter(tiny_model_dir, untied, tmp_path / "merged", MergeConfig())
+    assert not (tmp_path / "merged").exists()
+
+
+def test_missing_adapter_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys):
+    code = _stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(tmp_path / "none"),
+                                 "--out", str(tmp_path / "merged"), "--metrics", str(tmp_path / "m.json"),
+                                 "--params", str(ROOT / "params.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "adapter_config.json not found" in err and "train stage" in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_unknown_merge_key_stops_before_loading(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("merge:\n  dtype: int4\n")
+    code = _stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(adapter_dir),
+                                 "--out", str(tmp_path / "merged"), "--metrics", str(tmp_path / "m.json"),
+                                 "--params", str(params)])
+    assert code == 2 and "merge.dtype" in capsys.readouterr().err
