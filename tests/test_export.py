@@ -1,0 +1,292 @@
+"""The export stage: llama.cpp's converter writes both GGUF files, they read back as gemma3 and
+clip/gemma3 with every tensor, the text model reloads in transformers with the merged model's
+logits, and the Modelfile parses as Ollama parses it."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from export_helpers import make_perturbed_adapter
+from vqatune.export.converter import ConverterError, install_converter, unpack_converter
+from vqatune.export.gguf import (ExportConfig, ExportError, export_gguf, hparam_mismatches,
+                                 llama_cpp_layer_types, text_logit_difference)
+from vqatune.export.merge import MergeConfig, merge_adapter
+from vqatune.export.ollama import GEMMA3_TEMPLATE, STOP_TOKEN
+from vqatune.prompts import PromptsConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "tiny-vqa"
+# f16 weights: each rounds by <= 2^-11 relative; on logits of ~0.7 that is ~1e-3 at most.
+F16_TOLERANCE = 5e-3
+
+
+def _stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("export")
+    adapter = make_perturbed_adapter(tiny_model_dir, work / "adapter")
+    merge_adapter(tiny_model_dir, adapter, work / "merged", MergeConfig(dtype="float32", verify=False))
+    return work / "merged"
+
+
+@pytest.fixture(scope="module")
+def exported(merged_dir):
+    """models/gguf and metrics/export.json as the stage writes them (the real params.yaml,
+    with a test name)."""
+    work = merged_dir.parent
+    params = work / "params.yaml"
+    text = (ROOT / "params.yaml").read_text().replace("name: medgemma-kvasir", f"name: {NAME}")
+    params.write_text(text)
+    out, metrics = work / "gguf", work / "export.json"
+    code = _stage("export").main(["--merged", str(merged_dir), "--out", str(out),
+                                  "--metrics", str(metrics), "--params", str(params)])
+    assert code == 0
+    return out, json.loads(metrics.read_text())
+
+
+def _config(merged_dir):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(merged_dir))
+
+
+def _reader(path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _field(reader, key):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+def test_text_gguf_is_gemma3_with_every_language_model_tensor(merged_dir, exported):
+    import gguf
+
+    out, metrics = exported
+    text = _reader(out / f"{NAME}.gguf")
+    cfg = _config(merged_dir).get_text_config()
+    assert _field(text, "general.architecture") == "gemma3"
+    # Hand count: token_embd + output_norm, and per layer 4 projections, q/k norms and 4 norms
+    # around attention and MLP, gate/up/down. No output.weight: llama.cpp reuses token_embd.
+    assert len(text.tensors) == 2 + 13 * cfg.num_hidden_layers == metrics["text_tensors"]
+    names = {t.name for t in text.tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    # outtype f16 (params.yaml): matrices in F16, norms stay F32.
+    types = {t.name: t.tensor_type for t in text.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert "<start_of_turn>" in _field(text, "tokenizer.chat_template")
+    assert _field(text, "tokenizer.ggml.model") == "llama"  # SentencePiece, from tokenizer.model
+
+
+def test_mmproj_gguf_is_clip_with_gemma3_projector(merged_dir, exported):
+    out, metrics = exported
+    mmproj = _reader(out / f"mmproj-{NAME}.gguf")
+    vision = _config(merged_dir).vision_config
+    assert _field(mmproj, "general.architecture") == "clip"
+    assert _field(mmproj, "general.type") == "mmproj"
+    assert _field(mmproj, "clip.projector_type") == "gemma3"
+    # Hand count: patch embedding (weight, bias) + positions, 16 per SigLIP layer, the final
+    # layer norm (2), the projector's matrix and norm.
+    assert len(mmproj.tensors) == 3 + 16 * vision.num_hidden_layers + 2 + 2 == metrics["mmproj_tensors"]
+    assert {"mm.input_projection.weight", "mm.soft_emb_norm.weight"} <= {t.name for t in mmproj.tensors}
+
+
+def test_text_gguf_reloads_in_transformers_with_the_merged_logits(merged_dir, exported):
+    out, metrics = exported
+    diff, scale = text_logit_difference(merged_dir, out / f"{NAME}.gguf")
+    assert scale > 0.1  # logits of a real size, not a degenerate model
+    assert diff < F16_TOLERANCE
+    assert metrics["text_max_abs_logit_diff"] == pytest.approx(diff)
+
+
+def test_gguf_hyperparameters_are_what_llama_cpp_will_run(merged_dir, exported):
+    out, metrics = exported
+    text_config = _config(merged_dir).get_text_config()
+    expected = []
+    # The tiny model's layer pattern is its own choice; llama.cpp always runs Gemma 3's 5:1.
+    if llama_cpp_layer_types(text_config.num_hidden_layers) != text_config.layer_types:
+        expected.append("layer types")
+    found = hparam_mismatches(out / f"{NAME}.gguf", text_config)
+    assert [line.split(":")[0] for line in found] == expected
+    assert metrics["llama_cpp_mismatches"] == found  # mmproj: none
+
+
+def test_hyperparameter_drift_is_reported(merged_dir, exported):
+    out, _ = exported
+    drifted = copy.deepcopy(_config(merged_dir).get_text_config())
+    drifted.rope_parameters["full_attention"]["rope_theta"] = 12345.0
+    drifted.layer_types = llama_cpp_layer_types(drifted.num_hidden_layers)
+    found = hparam_mismatches(out / f"{NAME}.gguf", drifted)
+    assert len(found) == 1 and "rope.freq_base is 1000000.0, config says 12345.0" in found[0]
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(command, argument) pairs as Ollama's parser reads them (ollama parser/parser.go):
+    a value ends at whitespace once it unquotes, \"\"\"...\"\"\" spans lines, # starts a comment."""
+    commands, i = [], 0
+    while i < len(text):
+        if text[i] in " \t\r\n":
+            i += 1
+            continue
+        if text[i] == "#":
+            i = text.find("\n", i) + 1 or len(text)
+            continue
+        j = i
+        while j < len(text) and text[j].isalpha():
+            j += 1
+        name = text[i:j].lower()
+        assert text[j] in " \t", f"invalid command at {text[i:j + 10]!r}"
+        if name == "parameter":
+            j += 1
+            k = j
+            while text[k] not in " \t":
+                k += 1
+            name, j = text[j:k], k
+        start = j + 1
+        end = start
+        while True:
+            while end < len(text) and text[end] not in " \t\r\n":
+                end += 1
+            value = text[start:end].strip()
+            if value.startswith('"""'):
+                done = len(value) >= 6 and value.endswith('"""')
+                value = value[3:-3]
+            elif value.startswith('"'):
+                done = len(value) >= 2 and value.endswith('"')
+                value = value[1:-1]
+            else:
+                done = True
+            if done or end >= len(text):
+                assert done, f"unterminated string in {name}"
+                break
+            end += 1
+        commands.append((name, value))
+        i = end
+    return commands
+
+
+def test_modelfile_names_both_files_template_stop_and_system_prompt(merged_dir, exported):
+    out, _ = exported
+    commands = parse_modelfile((out / "Modelfile").read_text())
+    assert [arg for cmd, arg in commands if cmd == "from"] == [f"./{NAME}.gguf", f"./mmproj-{NAME}.gguf"]
+    assert dict(commands)["template"] == GEMMA3_TEMPLATE
+    assert ("stop", STOP_TOKEN) in commands
+    # The static prompt ends in a quote: it must survive the closing \"\"\" intact.
+    assert dict(commands)["system"] == PromptsConfig().static
+    assert dict(commands)["system"].endswith('"Ulcerative Colitis"')
+    for cmd, arg in commands:
+        if cmd == "from":
+            assert (out / arg).is_file()
+
+    safetensors = parse_modelfile((out / "Modelfile.safetensors").read_text())
+    source = [arg for cmd, arg in safetensors if cmd == "from"]
+    assert source == ["../merged"] and (out / source[0] / "config.json").is_file()
+
+
+def test_export_refuses_the_transformers5_vision_layout(merged_dir, tmp_path):
+    """A checkpoint saved as transformers 5 names it (vision_tower.embeddings.*) fails the mmproj
+    conversion; the stage says so before converting."""
+    from safetensors.torch import load_file, save_file
+
+    renamed = tmp_path / "merged"
+    shutil.copytree(merged_dir, renamed)
+    tensors = load_file(str(renamed / "model.safetensors"))
+    tensors = {k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in tensors.items()}
+    save_file(tensors, str(renamed / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=r"vision_tower\.(embeddings|encoder|post_layernorm).*layout"):
+        export_gguf(renamed, tmp_path / "gguf", ExportConfig(name=NAME), "system")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_bad_export_name_stops_with_the_key(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("export:\n  name: ../evil name\n")
+    code = _stage("export").main(["--merged", str(tmp_path), "--out", str(tmp_path / "gguf"),
+                                  "--metrics", str(tmp_path / "m.json"), "--params", str(params)])
+    assert code == 2 and "export.name" in capsys.readouterr().err
+
+
+def _tarball(path: Path, members: dict[str, bytes], links: dict[str, str] = {}) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in links.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return path
+
+
+def test_converter_unpacks_only_its_files(tmp_path):
+    vendor = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    sdist = _tarball(tmp_path / "sdist.tar.gz", {
+        vendor + "convert_hf_to_gguf.py": b"print('converter')\n",
+        vendor + "conversion/gemma.py": b"",
+        vendor + "gguf-py/gguf/__init__.py": b"",
+        vendor + "ggml/src/ggml.c": b"int main;",
+        "llama_cpp_python-0.3.36/setup.py": b"",
+    }, links={vendor + "conversion/escape.py": "/etc/passwd"})
+    dest = unpack_converter(sdist, tmp_path / "converter")
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() or p.is_symlink())
+    assert files == ["conversion/gemma.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+
+
+def test_converter_refuses_an_sdist_with_another_hash(tmp_path):
+    sdist = _tarball(tmp_path / "llama_cpp_python-0.3.36.tar.gz", {"x": b"not the release"})
+    with pytest.raises(ConverterError, match="sha256 .* is not the pinned"):
+        install_converter(tmp_path / "converter", sdist=sdist)
+    assert not (tmp_path / "converter").exists()
+
+
+def _llama_cpp_python() -> str | None:
+    """A Python with llama-cpp-python (built from source): $VQATUNE_LLAMA_CPP_PYTHON or ours."""
+    candidate = os.environ.get("VQATUNE_LLAMA_CPP_PYTHON", sys.executable)
+    probe = subprocess.run([candidate, "-c", "import llama_cpp.mtmd_cpp"], capture_output=True)
+    return candidate if probe.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_a_question_about_an_image(exported, tmp_path):
+    """llama.cpp itself loads the pair, encodes the image and answers (the tiny model's text is
+    noise; what counts is that both files load and the image becomes tokens)."""
+    import numpy as np
+    from PIL import Image
+
+    python = _llama_cpp_python()
+    if python is None:
+        pytest.skip("needs llama-cpp-python built from source; set VQATUNE_LLAMA_CPP_PYTHON")
+    out, _ = exported
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(image)
+    client = ROOT / "src" / "vqatune" / "export" / "llama_cpp_client.py"
+    base = [python, str(client), "--model", str(out / f"{NAME}.gguf"),
+            "--mmproj", str(out / f"mmproj-{NAME}.gguf"), "--question", "How many polyps are there?",
+            "--max-tokens", "8"]
+    with_image = subprocess.run(base + ["--image", str(image)], capture_output=True, text=True, timeout=300)
+    assert with_image.returncode == 0, with_image.stderr[-2000:]
+    reply = json.loads(with_image.stdout.strip().splitlines()[-1])
+    assert reply["completion_tokens"] >= 1 and isinstance(reply["answer"], str)
+    # The tiny projector gives 16 image tokens (8x8 patches pooled 2x2), as in transformers:
+    # the prompt holds them plus the turn markers and the question.
+    assert reply["prompt_tokens"] > 16 + 5
+    print(json.dumps(reply))
