@@ -29,6 +29,7 @@ VISION_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 TARGET_PRESETS = ("mlp", "lm", "all-linear")
 LM_PREFIX = r".*language_model\."
 VISION_PREFIX = r".*vision_tower\."
+TIED_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclasses.dataclass
@@ -47,9 +48,11 @@ class LoraSettings:
     # LoRA on the vision tower's projections too (mlp, lm, list). Frozen by default: on MedGemma it costs memory
     # (gpu-anchor: all-linear with the tower OOMs at batch 8) and its SigLIP is already medical.
     vision_tower: bool = False
-    # Train the image->text projector in full (saved with the adapter). Small (1152x2560 on
-    # MedGemma); lets a model whose projector was never trained (the tiny one) use its images.
-    train_projector: bool = False
+    # Modules trained in full and saved with the adapter. multi_modal_projector: the image->text
+    # projector (1152x2560 on MedGemma), lets a model whose projector was never trained (the tiny
+    # one: it starts at zero) use its images. embed_tokens: the (tied) embeddings and output head,
+    # as Google's MedGemma notebook trains them; 0.67 B parameters on MedGemma, so off there.
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)
     bias: Literal["none", "all", "lora_only"] = "none"
 
     def validate(self, p: str) -> None:
@@ -62,6 +65,8 @@ class LoraSettings:
         else:
             require(bool(self.target_modules) and all(m.strip() for m in self.target_modules),
                     f"{p}.target_modules", "must be a non-empty list of module names")
+        require(all(m.strip() for m in self.modules_to_save), f"{p}.modules_to_save",
+                "must be a list of module names, e.g. [multi_modal_projector]")
 
 
 def resolve_device(device: Optional[str] = None) -> str:
@@ -186,7 +191,9 @@ def attach_lora(model, lora_cfg: LoraSettings):
         target_modules=target,
         exclude_modules=exclude,
         bias=lora_cfg.bias,
-        modules_to_save=["multi_modal_projector"] if lora_cfg.train_projector else None,
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
+        # A tied embedding trained in full must stay tied to the output head it shares weights with.
+        ensure_weight_tying=any(m in TIED_MODULES for m in lora_cfg.modules_to_save),
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)

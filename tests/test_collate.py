@@ -1,0 +1,87 @@
+"""Labels: loss on the answer and its <end_of_turn> only, whatever the prompt mode and padding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqatune.collate import IGNORE_INDEX, AnswerOnlyCollator, answer_text
+from vqatune.model import load_processor
+from vqatune.prompts import PROMPT_MODES
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def rows(processed_dir):
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(processed_dir))["train"]
+    # Short and long answers, multi-item ones ("a; b") included, so padding really varies.
+    by_length = sorted(range(len(train)), key=lambda i: len(train[i]["answer"]))
+    picks = by_length[:2] + by_length[len(by_length) // 2: len(by_length) // 2 + 1] + by_length[-3:]
+    return [train[i] for i in picks]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("mode", PROMPT_MODES)
+def test_unmasked_labels_decode_to_exactly_answer_and_turn_end(processor, rows, mode, padding_side):
+    batch = AnswerOnlyCollator(processor, mode, padding_side)(rows)
+    tok = processor.tokenizer
+    assert len({len(r["answer"]) for r in rows}) > 1
+    for i, row in enumerate(rows):
+        labels = batch["labels"][i]
+        kept = labels[labels != IGNORE_INDEX]
+        assert tok.decode(kept, skip_special_tokens=False) == row["answer"].strip() + "<end_of_turn>"
+        # The learned tokens are the input tokens at the same places (labels are not shifted here).
+        positions = (labels != IGNORE_INDEX).nonzero().flatten()
+        assert torch.equal(batch["input_ids"][i, positions], kept)
+        # One contiguous span: the answer ends the real sequence.
+        assert positions.tolist() == list(range(positions[0].item(), positions[-1].item() + 1))
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_prompt_image_and_padding_are_masked(processor, rows, padding_side):
+    batch = AnswerOnlyCollator(processor, "adaptive", padding_side)(rows)
+    ids, labels, attn, types = (batch[k] for k in ("input_ids", "labels", "attention_mask", "token_type_ids"))
+    image_ids = {processor.tokenizer.convert_tokens_to_ids(t)
+                 for t in ("<start_of_image>", "<image_soft_token>", "<end_of_image>")}
+    assert not any(int(t) in image_ids for t in labels[labels != IGNORE_INDEX])
+    assert (labels[attn == 0] == IGNORE_INDEX).all()
+    assert (ids[attn == 0] == processor.tokenizer.pad_token_id).all()
+    # token_type_ids mark exactly the image soft tokens (Gemma 3's bidirectional image attention).
+    soft = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert torch.equal(types == 1, ids == soft)
+    assert ((types == 1).sum(dim=1) == 16).all()
+    # Padding sits on the asked side.
+    lengths = attn.sum(dim=1)
+    shortest = int(lengths.argmin())
+    pad_at = 0 if padding_side == "left" else -1
+    assert attn[shortest, pad_at] == 0 and lengths.max() == ids.shape[1]
+    assert batch["pixel_values"].shape == (len(rows), 3, 64, 64)
+
+
+def test_answer_text_is_the_rendered_assistant_turn(processor, rows):
+    row = rows[0]
+    messages = row["messages_static"]
+    messages[-1]["content"][0]["text"] = "  " + row["answer"] + " \n"  # the template trims
+    assert answer_text(processor, messages) == row["answer"].strip() + "<end_of_turn>"
+
+
+def test_max_length_cuts_the_answer_never_the_prompt(processor, rows):
+    full = AnswerOnlyCollator(processor, "none")(rows[-1:])
+    prompt_len = int((full["labels"][0] == IGNORE_INDEX).sum())
+    collator = AnswerOnlyCollator(processor, "none", max_length=prompt_len + 1)
+    batch = collator(rows[-1:])
+    assert batch["input_ids"].shape[1] == prompt_len + 1
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == 1
+    assert collator.truncated == 1
+
+
+def test_bad_mode_and_side_are_refused(processor):
+    with pytest.raises(ValueError, match="prompt_mode"):
+        AnswerOnlyCollator(processor, "verbose")
+    with pytest.raises(ValueError, match="padding_side"):
+        AnswerOnlyCollator(processor, "none", "middle")
