@@ -1,0 +1,101 @@
+"""DVC stage `train`: fine-tune a LoRA adapter on the base model with TRL's SFTTrainer.
+
+    python stages/train.py --model models/base --data data/processed \
+        --best-params models/best_params.json --out models/adapter --metrics metrics/train.json \
+        --plots metrics/train_curves --checkpoints models/train_checkpoints [--params params.yaml] [--fresh]
+
+Hyperparameters: `train:` in params.yaml, overridden by the search stage's best_params.json when
+it searched. A killed run resumes from its last checkpoint in --checkpoints when run again
+(--fresh starts over). Ctrl-C saves the adapter so far to `<out>.partial/` and exits 130, so DVC
+never records an interrupted run as done.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from vqatune.config import ConfigError, ModelConfig, as_dict, load_params, section
+from vqatune.model_card import model_card
+from vqatune.provenance import environment
+from vqatune.training import (TrainConfig, TrainingInterrupted, apply_overrides, load_hyperparameters,
+                              run_training, write_curves)
+
+
+def _raise_interrupt(signum, frame):
+    # DVC and schedulers stop a stage with SIGTERM: treat it like Ctrl-C (save partial, exit non-zero).
+    raise KeyboardInterrupt
+
+
+def _write_card(adapter_dir: Path, model_cfg, train_cfg, metrics, source, partial) -> None:
+    card = model_card(base_model=model_cfg.id, dataset="data/processed", train_params=as_dict(train_cfg),
+                      metrics=metrics, environment=environment(), hyperparameter_source=source,
+                      partial=partial)
+    (adapter_dir / "README.md").write_text(card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/base")
+    parser.add_argument("--data", default="data/processed")
+    parser.add_argument("--best-params", default="models/best_params.json")
+    parser.add_argument("--out", default="models/adapter")
+    parser.add_argument("--metrics", default="metrics/train.json")
+    parser.add_argument("--plots", default="metrics/train_curves")
+    parser.add_argument("--checkpoints", default="models/train_checkpoints")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    try:
+        params = load_params(args.params)
+        model_cfg = section(params, "model", ModelConfig)
+        train_cfg = section(params, "train", TrainConfig)
+        overrides, source = load_hyperparameters(args.best_params)
+        train_cfg = apply_overrides(train_cfg, overrides)
+    except ConfigError as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 2
+
+    out, tmp, partial_dir = Path(args.out), Path(f"{args.out}.tmp"), Path(f"{args.out}.partial")
+    for stale in (tmp, partial_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        result = run_training(train_cfg, args.model, args.data, tmp, checkpoint_dir=args.checkpoints,
+                              resume=not args.fresh, trust_remote_code=model_cfg.trust_remote_code)
+    except ConfigError as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as stop:
+        metrics = {**stop.result.metrics(), "hyperparameter_source": source}
+        _write_card(tmp, model_cfg, train_cfg, metrics, source, partial=True)
+        tmp.rename(partial_dir)
+        print(f"train: interrupted at step {stop.result.steps}; partial adapter in {partial_dir}. "
+              f"Run the stage again to resume from {stop.result.checkpoint_dir}.", file=sys.stderr)
+        return 130
+
+    metrics = {**result.metrics(), "hyperparameter_source": source, "hyperparameters": overrides,
+               "model_id": model_cfg.id}
+    _write_card(tmp, model_cfg, train_cfg, metrics, source, partial=False)
+    write_curves(result.log_history, args.plots)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    metrics_path = Path(args.metrics)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"train: {result.steps} steps, {result.epochs} epochs in {result.seconds} s "
+          f"({result.examples_per_s} examples/s, peak {result.peak_memory_gib} GiB, {result.device}, "
+          f"{result.quantization}); eval loss {result.eval_loss_start} -> {result.eval_loss}; "
+          f"trainable {result.trainable_params:,} ({100 * result.trainable_share:.2f}%)"
+          f"{'; resumed from step %d' % result.resumed_from_step if result.resumed else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

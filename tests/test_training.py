@@ -1,0 +1,218 @@
+"""Training: the params.yaml recipe forced small (tiny model, a few steps, CPU)."""
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from vqatune.config import ConfigError, load_params, section
+from vqatune.training import (PARTIAL_MARKER, TrainConfig, TrainingInterrupted, apply_overrides,
+                              last_complete_checkpoint, load_hyperparameters, run_training,
+                              split_train_eval)
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"max_steps": 4, "batch_size": 4, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
+         "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_rows": 8, "warmup": 0.0,
+         "early_stopping_patience": 0}
+
+
+def small_config(**overrides) -> TrainConfig:
+    """The real `train:` section of params.yaml, forced small."""
+    cfg = section(load_params(REPO / "params.yaml"), "train", TrainConfig)
+    return apply_overrides(cfg, {**SMALL, **overrides})
+
+
+class Snapshots(TrainerCallback):
+    def __init__(self, stop_at: int | None = None):
+        self.before, self.after, self.trainable, self.model_ref, self.stop_at = {}, {}, set(), None, stop_at
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.model_ref = weakref.ref(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.stop_at is not None and state.global_step == self.stop_at:
+            raise KeyboardInterrupt  # what Ctrl-C (or the stage's SIGTERM handler) raises
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_every_trainable_parameter_changes_and_no_frozen_one_does(tiny_model_dir, processed_dir, tmp_path):
+    snap = Snapshots()
+    cfg = small_config(load_best_model_at_end=False, learning_rate=1e-2)
+    result = run_training(cfg, tiny_model_dir, processed_dir, tmp_path / "adapter",
+                          checkpoint_dir=tmp_path / "ckpt", callbacks=[snap])
+    assert snap.trainable, "nothing was trainable"
+    unchanged = [n for n in snap.trainable if torch.equal(snap.before[n], snap.after[n])]
+    assert unchanged == []
+    changed_frozen = [n for n in snap.before if n not in snap.trainable
+                      and not torch.equal(snap.before[n], snap.after[n])]
+    assert changed_frozen == []
+    assert result.steps == 4 and result.trainable_params == sum(snap.before[n].numel() for n in snap.trainable)
+    assert result.quantization == cfg.quantization and result.device.startswith("cpu") and not result.resumed
+    # run_training freed its model: nothing keeps it alive.
+    assert snap.model_ref() is None
+    saved = Path(tmp_path / "adapter")
+    assert (saved / "adapter_model.safetensors").exists() and (saved / "adapter_config.json").exists()
+    assert (saved / "tokenizer.model").exists() or (saved / "tokenizer.json").exists()
+    assert not (saved / PARTIAL_MARKER).exists()
+
+
+def test_loss_falls_on_a_fixed_batch(tiny_model_dir, processed_dir):
+    from datasets import load_from_disk
+
+    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.model import (attach_lora, free_model, load_base_model, load_processor,
+                               prepare_for_kbit_training)
+
+    cfg = small_config()
+    torch.manual_seed(0)
+    processor = load_processor(tiny_model_dir)
+    model = load_base_model(tiny_model_dir, quantization=cfg.quantization, compute_dtype="float32", device="cpu")
+    model = attach_lora(prepare_for_kbit_training(model, False), cfg.lora)
+    rows = [load_from_disk(str(processed_dir))["train"][i] for i in range(8)]
+    batch = AnswerOnlyCollator(processor, cfg.prompt_mode)(rows)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    model.train()
+    for _ in range(15):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    free_model(model)
+
+
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tiny_model_dir, processed_dir, tmp_path):
+    cfg = small_config(max_steps=5, save_total_limit=5)
+    whole = run_training(cfg, tiny_model_dir, processed_dir, tmp_path / "whole", checkpoint_dir=tmp_path / "c1")
+
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_training(cfg, tiny_model_dir, processed_dir, tmp_path / "killed", checkpoint_dir=tmp_path / "c2",
+                     callbacks=[Snapshots(stop_at=3)])
+    assert stop.value.result.partial and stop.value.result.steps == 3
+    assert (tmp_path / "killed" / PARTIAL_MARKER).exists()
+    assert (tmp_path / "killed" / "adapter_model.safetensors").exists()
+
+    resumed = run_training(cfg, tiny_model_dir, processed_dir, tmp_path / "resumed", checkpoint_dir=tmp_path / "c2")
+    assert resumed.resumed and resumed.resumed_from_step == 2 and resumed.steps == whole.steps == 5
+    a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert resumed.eval_loss == pytest.approx(whole.eval_loss, abs=1e-5)
+    # A changed param never resumes another run's checkpoints.
+    other = run_training(small_config(max_steps=5, save_total_limit=5, seed=1), tiny_model_dir, processed_dir,
+                         None, checkpoint_dir=tmp_path / "c2")
+    assert not other.resumed
+
+
+def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    for step, complete in ((2, True), (4, False)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        if complete:
+            (ckpt / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_eval_slice_holds_out_whole_train_images(processed_dir):
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(processed_dir))["train"]
+    fit, held = split_train_eval(train, 0.2, seed=0)
+    assert len(fit) + len(held) == len(train)
+    assert not set(fit["img_id"]) & set(held["img_id"])
+    assert set(held["row_id"]) <= set(train["row_id"])
+    _, capped = split_train_eval(train, 0.2, seed=0, max_eval_rows=5)
+    assert len(capped) == 5
+
+
+def test_config_validation_names_the_key():
+    assert isinstance(section(load_params(REPO / "params.yaml"), "train", TrainConfig), TrainConfig)
+    cases = {
+        "train.quantization": {"quantization": "2bit"},
+        "train.lr_scheduler": {"lr_scheduler": "sawtooth"},
+        "train.optimizer": {"optimizer": "adamw"},
+        "train.eval_fraction": {"eval_fraction": 0.0},
+        "train.save_steps": {"save_steps": 3, "eval_steps": 2, "load_best_model_at_end": True},
+        "train.early_stopping_patience": {"early_stopping_patience": 2, "load_best_model_at_end": False},
+        "train.lora.alpha": {"lora.alpha": 0},
+        "train.lora.typo": {"lora.typo": 1},
+        "train.epoch": {"epoch": 3},
+    }
+    for key, override in cases.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            apply_overrides(TrainConfig(), override)
+
+
+def test_hyperparameters_come_from_search_only_when_it_searched(tmp_path):
+    path = tmp_path / "best_params.json"
+    assert load_hyperparameters(path) == ({}, "params.yaml")
+    path.write_text(json.dumps({"searched": False, "params": {"learning_rate": 1.0}}))
+    assert load_hyperparameters(path) == ({}, "params.yaml")
+    path.write_text(json.dumps({"searched": True, "params": {"learning_rate": 5e-4, "lora.r": 8,
+                                                            "gradient_accumulation_steps": 2}}))
+    overrides, source = load_hyperparameters(path)
+    assert source.startswith("search")
+    cfg = apply_overrides(TrainConfig(), overrides)
+    assert (cfg.learning_rate, cfg.lora.r, cfg.gradient_accumulation_steps) == (5e-4, 8, 2)
+
+
+def test_stage_writes_adapter_card_metrics_and_curves(tiny_model_dir, processed_dir, tmp_path, stages_train):
+    import yaml
+
+    params = load_params(REPO / "params.yaml")
+    params["train"] = {**(params.get("train") or {}), "max_steps": 2, "batch_size": 4, "eval_steps": 1,
+                       "save_steps": 1, "logging_steps": 1, "max_eval_rows": 4, "early_stopping_patience": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "best.json").write_text(json.dumps({"searched": True, "params": {"learning_rate": 1e-3}}))
+    out = tmp_path / "models" / "adapter"
+    argv = ["--model", str(tiny_model_dir), "--data", str(processed_dir), "--best-params", str(tmp_path / "best.json"),
+            "--out", str(out), "--metrics", str(tmp_path / "train.json"), "--plots", str(tmp_path / "curves"),
+            "--checkpoints", str(tmp_path / "ckpt"), "--params", str(tmp_path / "params.yaml")]
+    assert stages_train.main(argv) == 0
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    card = (out / "README.md").read_text()
+    assert "base_model: " + params["model"]["id"] in card and "learning_rate" in card and "peft" in card
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["hyperparameter_source"].startswith("search") and metrics["steps"] == 2
+    assert metrics["eval_loss_start"] is not None and metrics["resumed"] is False
+    for key in ("train_loss", "eval_loss", "examples_per_s", "peak_memory_gib", "trainable_params",
+                "device", "quantization", "epochs"):
+        assert key in metrics
+    curves = tmp_path / "curves" / "plots" / "metrics"
+    for name in ("train/loss.tsv", "eval/loss.tsv", "train/learning_rate.tsv"):
+        lines = (curves / name).read_text().splitlines()
+        assert lines[0].startswith("step") and len(lines) >= 2
+    assert not Path(f"{out}.tmp").exists()
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**params, "train": {"lora": {"r": -1}}}))
+    assert stages_train.main(argv[:-1] + [str(tmp_path / "bad.yaml")]) == 2
+
+
+@pytest.fixture
+def stages_train(monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("stages_train", REPO / "stages" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "stages_train", module)
+    return module
