@@ -290,3 +290,80 @@ def test_llama_cpp_answers_a_question_about_an_image(exported, tmp_path):
     # the prompt holds them plus the turn markers and the question.
     assert reply["prompt_tokens"] > 16 + 5
     print(json.dumps(reply))
+
+
+GO_RENDERER = r'''
+// Renders an Ollama .Messages template as ollama's template.Execute does: System = the system
+// messages joined by a blank line, Messages = every message, system ones included.
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	var in struct {
+		Template string    `json:"template"`
+		Messages []Message `json:"messages"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	var system []string
+	var msgs []*Message
+	for i := range in.Messages {
+		if in.Messages[i].Role == "system" {
+			system = append(system, in.Messages[i].Content)
+		}
+		msgs = append(msgs, &in.Messages[i])
+	}
+	t := template.Must(template.New("").Parse(in.Template))
+	if err := t.Execute(os.Stdout, map[string]any{"System": strings.Join(system, "\n\n"), "Messages": msgs}); err != nil {
+		panic(err)
+	}
+}
+'''
+
+
+def test_ollama_template_renders_as_the_chat_template(tiny_model_dir, tmp_path):
+    """Go's text/template (Ollama's engine) renders the Modelfile template to exactly what the
+    Hugging Face chat template gives evaluation, but for <bos> (the GGUF adds it) and the image
+    tag (Ollama writes [img-0] where the processor expands <start_of_image>)."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("needs the Go toolchain (apt-get install golang-go)")
+    from vqatune.model import load_processor
+    from vqatune.prompts import build_messages
+
+    (tmp_path / "main.go").write_text(GO_RENDERER)
+    env = {**os.environ, "GOCACHE": str(tmp_path / "cache"), "GO111MODULE": "off"}
+    subprocess.run([go, "build", "-o", str(tmp_path / "render"), str(tmp_path / "main.go")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    processor, prompts = load_processor(tiny_model_dir), PromptsConfig()
+
+    def ollama(messages):
+        result = subprocess.run([str(tmp_path / "render")], capture_output=True, text=True, check=True,
+                                input=json.dumps({"template": GEMMA3_TEMPLATE, "messages": messages}))
+        return "<bos>" + result.stdout.replace("[img-0]", "<start_of_image>")
+
+    question = "How many polyps are in the image?"
+    system = {"role": "system", "content": prompts.static}
+    cases = [
+        (build_messages(question, "static", prompts), [system, {"role": "user", "content": "[img-0]" + question}]),
+        (build_messages(question, "none", prompts), [{"role": "user", "content": "[img-0]" + question}]),
+        (build_messages(question, "static", prompts, answer="1")
+         + [{"role": "user", "content": [{"type": "text", "text": "And what colour?"}]}],
+         [system, {"role": "user", "content": "[img-0]" + question}, {"role": "assistant", "content": "1"},
+          {"role": "user", "content": "And what colour?"}]),
+    ]
+    for hf_messages, ollama_messages in cases:
+        expected = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+        assert ollama(ollama_messages) == expected
