@@ -19,7 +19,7 @@ import pytest
 from export_helpers import make_perturbed_adapter
 from vqatune.export.converter import ConverterError, install_converter, unpack_converter
 from vqatune.export.gguf import (ExportConfig, ExportError, export_gguf, hparam_mismatches,
-                                 llama_cpp_layer_types, text_logit_difference)
+                                 llama_cpp_layer_types, marker_token_types, text_logit_difference)
 from vqatune.export.merge import MergeConfig, merge_adapter
 from vqatune.export.ollama import GEMMA3_TEMPLATE, STOP_TOKEN
 from vqatune.prompts import PromptsConfig
@@ -94,6 +94,8 @@ def test_text_gguf_is_gemma3_with_every_language_model_tensor(merged_dir, export
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert "<start_of_turn>" in _field(text, "tokenizer.chat_template")
     assert _field(text, "tokenizer.ggml.model") == "llama"  # SentencePiece, from tokenizer.model
+    # Turn markers are single special tokens for llama.cpp, not spelled out letter by letter.
+    assert set(marker_token_types(out / f"{NAME}.gguf").values()) <= {"CONTROL", "USER_DEFINED"}
 
 
 def test_mmproj_gguf_is_clip_with_gemma3_projector(merged_dir, exported):
@@ -216,6 +218,19 @@ def test_export_refuses_the_transformers5_vision_layout(merged_dir, tmp_path):
     assert not (tmp_path / "gguf").exists()
 
 
+def test_export_refuses_turn_markers_llama_cpp_would_spell_out(merged_dir, tmp_path):
+    """transformers 5 saves no added_tokens_decoder; without it the converter makes
+    <start_of_turn> a normal piece, and llama.cpp tokenizes it as 11 characters."""
+    stripped = tmp_path / "merged"
+    shutil.copytree(merged_dir, stripped)
+    config = json.loads((stripped / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    (stripped / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="<start_of_turn> is a NORMAL token.*added_tokens_decoder"):
+        export_gguf(stripped, tmp_path / "gguf", ExportConfig(name=NAME, verify=False), "system")
+    assert not (tmp_path / "gguf").exists()
+
+
 def test_bad_export_name_stops_with_the_key(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("export:\n  name: ../evil name\n")
@@ -266,7 +281,7 @@ def _llama_cpp_python() -> str | None:
 
 
 @pytest.mark.slow
-def test_llama_cpp_answers_a_question_about_an_image(exported, tmp_path):
+def test_llama_cpp_answers_a_question_about_an_image(merged_dir, exported, tmp_path):
     """llama.cpp itself loads the pair, encodes the image and answers (the tiny model's text is
     noise; what counts is that both files load and the image becomes tokens)."""
     import numpy as np
@@ -286,9 +301,19 @@ def test_llama_cpp_answers_a_question_about_an_image(exported, tmp_path):
     assert with_image.returncode == 0, with_image.stderr[-2000:]
     reply = json.loads(with_image.stdout.strip().splitlines()[-1])
     assert reply["completion_tokens"] >= 1 and isinstance(reply["answer"], str)
-    # The tiny projector gives 16 image tokens (8x8 patches pooled 2x2), as in transformers:
-    # the prompt holds them plus the turn markers and the question.
-    assert reply["prompt_tokens"] > 16 + 5
+    # llama.cpp's prompt is transformers' token for token (16 image tokens from 8x8 patches
+    # pooled 2x2, one <start_of_turn>, ...) but for the two "\n\n" the processor wraps around
+    # the image and llama.cpp's Gemma 3 path does not.
+    from vqatune.model import load_processor
+    from vqatune.prompts import build_messages
+
+    processor = load_processor(merged_dir)
+    prompt = processor.apply_chat_template(build_messages("How many polyps are there?", "none",
+                                                          PromptsConfig()),
+                                           add_generation_prompt=True, tokenize=False)
+    hf_tokens = processor(text=[prompt], images=[[Image.open(image)]],
+                          add_special_tokens=False)["input_ids"][0]
+    assert reply["prompt_tokens"] == len(hf_tokens) - 2
     print(json.dumps(reply))
 
 

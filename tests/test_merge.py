@@ -85,6 +85,9 @@ def test_merged_checkpoint_is_what_the_converter_reads(tiny_model_dir, merged):
     assert (merged_dir / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
     assert (merged_dir / "processor_config.json").is_file()
     assert "<start_of_turn>" in (merged_dir / "chat_template.jinja").read_text()
+    # The added tokens are listed where llama.cpp's converter looks for them.
+    added = json.loads((merged_dir / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {"<start_of_turn>", "<end_of_turn>", "<image_soft_token>"} <= {t["content"] for t in added.values()}
     assert metrics["dtype"] == "float32" and metrics["tensors"] == len(names)
     assert metrics["probe_max_abs_logit_diff"] < FP32_TOLERANCE
 

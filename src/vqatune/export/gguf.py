@@ -22,6 +22,9 @@ from .merge import ORIGINAL_PREFIXES, PROBE_QUESTION, layout_problems, tensor_na
 log = logging.getLogger(__name__)
 
 TEXT_ARCH, MMPROJ_ARCH, PROJECTOR_TYPE = "gemma3", "clip", "gemma3"
+# Turn markers llama.cpp must read as single special tokens, not spell out letter by letter.
+CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+SPECIAL_TYPES = ("CONTROL", "USER_DEFINED")
 # llama.cpp runs Gemma 3 with 5 sliding-window layers to 1 global one, whatever config.json
 # says, unless the GGUF carries a per-layer pattern (the converter writes none).
 LLAMA_CPP_SWA_PATTERN = 6
@@ -82,6 +85,17 @@ def inspect_gguf(path: str | Path) -> dict:
     }
 
 
+def marker_token_types(text_path: str | Path, markers=CHAT_MARKERS) -> dict[str, Optional[str]]:
+    """The GGUF token type of each chat marker (None when it is not in the vocabulary)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(text_path))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type")
+    index = {token: i for i, token in enumerate(tokens) if token in markers}
+    return {m: gguf.TokenType(types[index[m]]).name if m in index else None for m in markers}
+
+
 def expected_tensor_counts(model_dir: str | Path) -> tuple[int, int]:
     """(text, mmproj) tensor counts: the converter maps each checkpoint tensor to one GGUF
     tensor; the tied output head is not stored (llama.cpp reuses token_embd)."""
@@ -112,6 +126,10 @@ def check_gguf_pair(model_dir: str | Path, text_path: Path, mmproj_path: Path) -
     for ok, message in checks:
         if not ok:
             raise ExportError(message)
+    for marker, kind in marker_token_types(text_path).items():
+        if kind not in SPECIAL_TYPES:
+            raise ExportError(f"{text_path.name}: {marker} is a {kind} token, so llama.cpp spells it out; "
+                              "the merged tokenizer_config.json needs added_tokens_decoder (re-run merge)")
     return text, mmproj
 
 

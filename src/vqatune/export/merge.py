@@ -145,6 +145,24 @@ def probe_logits(model, inputs):
         return model(**batch).logits.float().cpu()
 
 
+def write_added_tokens_decoder(tokenizer, out_dir: Path) -> None:
+    """List the added tokens in tokenizer_config.json, as transformers 4 did.
+
+    transformers 5 keeps them in tokenizer.json only; llama.cpp's converter reads them from
+    ``added_tokens_decoder`` (or added_tokens.json). Without it ``<start_of_turn>`` and friends
+    become normal pieces of the SentencePiece vocabulary and llama.cpp spells them out letter by
+    letter, so the chat template no longer marks turns.
+    """
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["added_tokens_decoder"] = {
+        str(token_id): {"content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+                        "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
+        for token_id, token in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _copy_tokenizer_files(base_dir: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file() and not (out_dir / name).exists():
@@ -201,6 +219,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         shutil.rmtree(staging)
     save_model_in_original_layout(model, staging)
     processor.save_pretrained(staging)
+    write_added_tokens_decoder(processor.tokenizer, staging)
     _copy_tokenizer_files(base_dir, staging)
     problems = layout_problems(staging)
     if problems:
