@@ -392,3 +392,37 @@ def test_ollama_template_renders_as_the_chat_template(tiny_model_dir, tmp_path):
     for hf_messages, ollama_messages in cases:
         expected = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
         assert ollama(ollama_messages) == expected
+
+
+@pytest.mark.slow
+def test_llama_cpp_logits_match_transformers(merged_dir, exported, tmp_path):
+    """llama.cpp's own logits for the text GGUF equal transformers' for the merged model run
+    with the layer pattern llama.cpp runs (Gemma 3's 5:1; see hparam_mismatches)."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    python = _llama_cpp_python()
+    if python is None:
+        pytest.skip("needs llama-cpp-python built from source; set VQATUNE_LLAMA_CPP_PYTHON")
+    out, _ = exported
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How many polyps are there?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    script = ("import json, sys, numpy, llama_cpp\n"
+              "m = llama_cpp.Llama(model_path=sys.argv[1], logits_all=True, n_ctx=256, verbose=False)\n"
+              "ids = json.loads(sys.argv[2]); m.eval(ids)\n"
+              "numpy.save(sys.argv[3], numpy.array(m.scores[:len(ids)]))\n")
+    result = subprocess.run([python, "-c", script, str(out / f"{NAME}.gguf"), json.dumps(ids),
+                             str(tmp_path / "logits.npy")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    llama_logits = torch.from_numpy(np.load(tmp_path / "logits.npy"))
+
+    config = AutoConfig.from_pretrained(str(merged_dir))
+    config.text_config.layer_types = llama_cpp_layer_types(config.text_config.num_hidden_layers)
+    model = AutoModelForImageTextToText.from_pretrained(str(merged_dir), config=config, dtype=torch.float32)
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([ids])).logits[0, :, :llama_logits.shape[1]]
+    assert want.abs().max() > 0.1
+    assert (llama_logits - want).abs().max() < F16_TOLERANCE
