@@ -216,3 +216,41 @@ def stages_train(monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setitem(sys.modules, "stages_train", module)
     return module
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_stage_leaves_a_partial_adapter_and_the_rerun_resumes(tiny_model_dir, processed_dir,
+                                                                           tmp_path):
+    """The real thing: SIGINT to `python stages/train.py`, then the stage run again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    params = load_params(REPO / "params.yaml")
+    params["train"] = {**(params.get("train") or {}), "max_steps": 40, "batch_size": 2, "eval_steps": 2,
+                       "save_steps": 2, "logging_steps": 1, "max_eval_rows": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out, ckpt = tmp_path / "adapter", tmp_path / "ckpt"
+    cmd = [sys.executable, str(REPO / "stages" / "train.py"), "--model", str(tiny_model_dir), "--data",
+           str(processed_dir), "--best-params", str(tmp_path / "none.json"), "--out", str(out), "--metrics",
+           str(tmp_path / "train.json"), "--plots", str(tmp_path / "curves"), "--checkpoints", str(ckpt),
+           "--params", str(tmp_path / "params.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(ckpt.glob("*/checkpoint-4/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert (Path(f"{out}.partial") / PARTIAL_MARKER).exists() and not out.exists()
+    assert "PARTIAL" in (Path(f"{out}.partial") / "README.md").read_text()
+
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["resumed"] and metrics["resumed_from_step"] >= 4 and metrics["steps"] == 40
+    assert not Path(f"{out}.partial").exists() and (out / "adapter_model.safetensors").exists()
