@@ -496,11 +496,14 @@ def write_curves(log_history: list[dict], plots_dir: str | Path) -> Path:
     if plots_dir.exists():
         shutil.rmtree(plots_dir)
     series = {"train/loss": "loss", "eval/loss": "eval_loss", "train/learning_rate": "learning_rate"}
+    points: dict[tuple[int, str], float] = {}  # the final evaluate repeats the last step's: keep one
+    for entry in log_history:
+        for name, key in series.items():
+            value = entry.get(key)
+            if value is not None and math.isfinite(float(value)):
+                points[(int(entry.get("step", 0)), name)] = float(value)
     with Live(dir=str(plots_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for entry in sorted(log_history, key=lambda h: h.get("step", 0)):
-            live.step = int(entry.get("step", 0))
-            for name, key in series.items():
-                value = entry.get(key)
-                if value is not None and math.isfinite(float(value)):
-                    live.log_metric(name, float(value))
+        for (step, name), value in sorted(points.items()):
+            live.step = step
+            live.log_metric(name, value)
     return plots_dir
