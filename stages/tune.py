@@ -1,0 +1,92 @@
+"""DVC stage `tune`: search `train:` hyperparameters with Optuna; the best go to the train stage.
+
+    python stages/tune.py --model models/base --data data/processed \
+        --best-params models/best_params.json --metrics metrics/tune.json --plots plots/tune \
+        [--params params.yaml] [--worker N]
+
+The study lives in `tune.storage` (SQLite under models/tune/ by default, kept across runs): run
+again after a kill and only the missing trials run. More workers on the same study, each on its
+own GPU or machine, with the same params, model and data (they write nothing but trials):
+
+    CUDA_VISIBLE_DEVICES=1 python stages/tune.py --worker 1
+
+With `tune.enabled: false` nothing is searched and best_params.json says so.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+from vqatune.config import ConfigError, ModelConfig, load_params, section
+from vqatune.search import SearchError, TuneConfig, trial_counts, tune
+from vqatune.search_report import (best_params_record, disabled_outputs, search_metrics, write_json,
+                                   write_plots)
+from vqatune.training import TrainConfig
+
+
+def _raise_interrupt(signum, frame):
+    # DVC and schedulers stop a stage with SIGTERM: stop like Ctrl-C, failing only the running trial.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/base")
+    parser.add_argument("--data", default="data/processed")
+    parser.add_argument("--best-params", default="models/best_params.json")
+    parser.add_argument("--metrics", default="metrics/tune.json")
+    parser.add_argument("--plots", default="plots/tune")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--worker", type=int, default=0,
+                        help="N >= 1: an extra worker that only runs trials (seeds its sampler apart)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    start = time.perf_counter()
+
+    try:
+        params = load_params(args.params)
+        cfg = section(params, "tune", TuneConfig)
+        if not cfg.enabled:
+            best, metrics = disabled_outputs()
+            write_json(args.best_params, best)
+            write_json(args.metrics, metrics)
+            write_plots(None, args.plots, objective=cfg.objective)
+            print("tune: disabled (tune.enabled: false); training uses train: as it is")
+            return 0
+        train_cfg = section(params, "train", TrainConfig)
+        trust = section(params, "model", ModelConfig).trust_remote_code
+        study = tune(cfg, train_cfg, args.model, args.data, worker=args.worker, trust_remote_code=trust)
+    except ConfigError as err:
+        print(f"tune: {err}", file=sys.stderr)
+        return 2
+    except SearchError as err:
+        print(f"tune: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tune: interrupted; finished trials are kept in the study, run again to finish it",
+              file=sys.stderr)
+        return 130
+
+    counts = trial_counts(study)
+    seconds = time.perf_counter() - start
+    summary = (f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
+               f"in {seconds:.0f} s")
+    if args.worker:
+        print(f"tune: worker {args.worker} done; study {study.study_name}: {summary}")
+        return 0
+
+    best = best_params_record(study)
+    write_json(args.best_params, best)
+    write_json(args.metrics, search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage))
+    write_plots(study, args.plots, objective=cfg.objective, seed=cfg.seed)
+    print(f"tune: study {study.study_name}: {summary}; best {cfg.objective} {best['best_value']:.4f} "
+          f"(trial {best['trial']}): {best['params']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
