@@ -83,16 +83,22 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     device, dtype = _input_device(model), _floating_dtype(model)
     stop = stop_token_ids(model, tokenizer)
 
+    from .speed import BatchEncoder
+
     was_training = model.training
     model.eval()
-    batches = range(0, len(order), batch_size)
+    encoder = None
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     try:
-        for start in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-            rows = order[start:start + batch_size]
-            with _left_padding(tokenizer):
-                # The chat template already starts with <bos>; the tokenizer must not add another.
-                inputs = processor(text=[texts[i] for i in rows], images=[[images[i]] for i in rows],
-                                   return_tensors="pt", padding=True, add_special_tokens=False)
+        with _left_padding(tokenizer):
+            # The next batch is tokenized and its images processed on CPU threads while the GPU
+            # generates this one (vqatune.speed.BatchEncoder); the inputs are unchanged.
+            encoder = BatchEncoder(processor, texts, images)
+        pending = encoder.submit(batches[0]) if batches else None
+        for n, rows in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
+            inputs = pending.result()
+            if n + 1 < len(batches):
+                pending = encoder.submit(batches[n + 1])
             inputs = {k: (v.to(device, dtype) if k == "pixel_values" and dtype is not None
                           else v.to(device)) for k, v in inputs.items()}
             with torch.inference_mode():
@@ -108,5 +114,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
             for i, text in zip(rows, decoded):
                 answers[i] = text.strip()
     finally:
+        if encoder is not None:
+            encoder.close()
         model.train(was_training)
     return answers
