@@ -1,0 +1,598 @@
+"""GPU throughput: the guide's recipe and the project's defaults on MedGemma-4B shapes, one card.
+
+One run, side by side, on random weights of the real architecture (medgemma4b_config.json) and
+the project's synthetic Kvasir-like data prepared at 896 px:
+
+- training: the guide's recipe (nf4 + double quant, eager attention, batch 1, peft's
+  prepare_model_for_kbit_training, LoRA r16/a32 on up/gate/down, full-vocabulary loss) in a plain
+  loop, against ``vqatune.training.run_training`` (TRL SFTTrainer) with the project's levers and
+  the same LoRA;
+- loss parity: both recipes' loss curves over the same batches (project collator) from the same
+  initial adapter, with a second project run (another dropout seed) as the noise yardstick;
+- evaluation: the guide's one-at-a-time greedy generation (nf4, eager, 25 new tokens) against
+  ``vqatune.generation.generate_answers`` over the six configurations ({base, tuned} x
+  {none, static, adaptive}) as the evaluate stage runs them; parity = batched answers equal to
+  one-at-a-time answers of the same model.
+
+Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the table) to ``--out``. On the GPU machine:
+
+    source benchmarks/device_setup.sh && python benchmarks/gpu_bench.py --out $OUT
+
+``--tiny`` runs the same code path on the builtin tiny model on CPU in about a minute (the CI
+smoke test, tests/test_benchmark_smoke.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from medgemma import PEAK_BF16_FLOPS, build_random_medgemma, flop_model, lm_forward_flops  # noqa: E402
+
+log = logging.getLogger("gpu_bench")
+
+
+@dataclasses.dataclass
+class Scale:
+    images: int            # synthetic images (~9 QA each)
+    test_size: float       # share of images in the test split
+    image_size: int
+    guide_steps: int       # guide training steps timed (batch 1), after 2 warm-up steps
+    parity_steps: int
+    parity_batch: int
+    train_batch: int       # project training
+    train_steps: int
+    timed_from: int        # first timed project step (the ones before warm up and compile)
+    workers: int           # project dataloader workers
+    gen_rows: int          # test rows per configuration (x6 configurations)
+    gen_batch: int
+    guide_gen: int         # one-at-a-time generations timed for the guide
+    parity_rows: int       # rows generated one at a time by the project for the parity check
+    num_proc: int
+    new_tokens: int = 25   # max new tokens per answer (the guide's 25)
+
+
+FULL = Scale(images=200, test_size=0.4, image_size=896, guide_steps=10, parity_steps=10, parity_batch=4,
+             train_batch=32, train_steps=30, timed_from=4, workers=8, gen_rows=384, gen_batch=192,
+             guide_gen=6, parity_rows=48, num_proc=16, new_tokens=25)
+TINY = Scale(images=12, test_size=0.4, image_size=64, guide_steps=2, parity_steps=3, parity_batch=2,
+             train_batch=4, train_steps=4, timed_from=1, workers=0, gen_rows=4, gen_batch=4,
+             guide_gen=2, parity_rows=4, num_proc=1, new_tokens=6)
+GUIDE_TARGETS = ["up_proj", "down_proj", "gate_proj"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+class Device:
+    def __init__(self):
+        self.type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.name = torch.cuda.get_device_name(0) if self.type == "cuda" else "cpu"
+
+    def sync(self):
+        if self.type == "cuda":
+            torch.cuda.synchronize()
+
+    def reset(self):
+        gc.collect()
+        if self.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self):
+        return torch.cuda.max_memory_allocated() / 2**30 if self.type == "cuda" else None
+
+    def autocast(self):
+        # What SFTTrainer's bf16=True does on a GPU; the CPU smoke run stays in fp32.
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.type == "cuda" else contextlib.nullcontext()
+
+    @property
+    def compute_dtype(self):
+        return torch.bfloat16 if self.type == "cuda" else torch.float32
+
+
+DEV: Device
+
+
+def free(*objs):
+    from vqatune.model import free_model
+
+    free_model(*objs)
+    DEV.reset()
+
+
+def to_device(batch):
+    return {k: v.to(DEV.type) for k, v in batch.items()}
+
+
+def lora_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def cast_adapters_like_sft_trainer(model):
+    # SFTTrainer casts the adapters of a quantized model to bf16 (QLoRA paper); both recipes here
+    # get the same, so the parity check compares the levers, not the adapter dtype.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(DEV.compute_dtype)
+
+
+# --------------------------------------------------------------------------- the guide's recipe
+
+def guide_model(model_dir):
+    """The guide's modelInit(): nf4 + double quant, eager, k-bit preparation, LoRA on the MLP."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=DEV.compute_dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, quantization_config=q, dtype=DEV.compute_dtype, attn_implementation="eager",
+        device_map={"": DEV.type})
+    model = prepare_model_for_kbit_training(model)  # upcasts every non-4-bit weight to fp32
+    model.config.use_cache = False
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=GUIDE_TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def guide_loss(model, batch):
+    return model(**batch).loss  # logits over the whole vocabulary at every position
+
+
+def project_parity_model(model_dir):
+    """The project's training set-up (vqatune.model + vqatune.speed + TRL's loss), guide's LoRA."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from vqatune.model import LoraSettings, attach_lora, load_base_model, prepare_for_kbit_training
+    from vqatune.speed import maybe_install_image_feature_cache
+
+    model = load_base_model(model_dir, quantization="4bit", compute_dtype=str(DEV.compute_dtype)[6:],
+                            attn_implementation="sdpa", device=DEV.type)
+    model = prepare_for_kbit_training(model, gradient_checkpointing=True)
+    model = attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="mlp"))
+    maybe_install_image_feature_cache(model, training=True)
+    # What SFTTrainer does: log-probs of labelled positions only, in tiles (CUDA).
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs",))
+    return model
+
+
+def project_loss(model, batch):
+    return model(**batch, fused_lm_head=True).loss
+
+
+def train_loop(model, batches, loss_fn, *, warmup: int, seed: int = 0, lr: float = 2e-4):
+    """AdamW steps; returns (examples/s over the steps after ``warmup``, losses, peak GiB)."""
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, fused=DEV.type == "cuda")
+    model.train()
+    DEV.reset()
+    losses, t0, n = [], None, 0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            DEV.sync()
+            t0, n = time.perf_counter(), 0
+        batch = to_device(batch)
+        with DEV.autocast():
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        n += batch["input_ids"].shape[0]
+    DEV.sync()
+    seconds = time.perf_counter() - t0
+    del opt
+    return n / seconds, losses, DEV.peak_gib()
+
+
+# --------------------------------------------------------------------------- the run
+
+def build_world(work: Path, scale: Scale, tiny: bool):
+    from vqatune.config import PrepareConfig
+    from vqatune.data.prepare import prepare_dataset
+    from vqatune.prompts import PromptsConfig
+
+    t = time.perf_counter()
+    model_dir = build_random_medgemma(work / "model", tiny=tiny)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    data_dir = work / "processed"
+    prepare_dataset(PrepareConfig(synthetic_images=scale.images, image_size=scale.image_size, seed=1,
+                                  test_size=scale.test_size, num_proc=scale.num_proc), PromptsConfig(), data_dir)
+    return model_dir, data_dir, {"build_model_s": round(build_s, 1), "prepare_s": round(time.perf_counter() - t, 1)}
+
+
+class StepTimer:
+    """Trainer callback: wall time of each optimizer step (synchronised), to time a steady window."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.times = {}
+
+            def on_step_end(self, args, state, control, **kwargs):
+                DEV.sync()
+                self.times[state.global_step] = time.perf_counter()
+
+        return _Timer()
+
+
+def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str, **overrides):
+    from vqatune.training import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=True,
+        cache_image_features=True, prompt_mode="none",
+        batch_size=scale.train_batch, gradient_accumulation_steps=1, eval_batch_size=scale.train_batch,
+        max_steps=scale.train_steps, learning_rate=2e-4, lr_scheduler="constant", warmup=0,
+        eval_steps=10_000, save_steps=10_000, logging_steps=1, load_best_model_at_end=False,
+        max_eval_rows=scale.train_batch, dataloader_num_workers=scale.workers, optimizer="adamw_torch_fused"
+        if DEV.type == "cuda" else "adamw_torch", seed=0,
+    )
+    cfg.lora.target_modules = "mlp"
+    cfg.lora.vision_tower = False
+    cfg.lora.modules_to_save = []
+    cfg = dataclasses.replace(cfg, **overrides)
+    timer = StepTimer()
+    DEV.reset()
+    adapter_dir = work / f"adapter_{name}"
+    result = run_training(cfg, model_dir, data_dir, adapter_dir, checkpoint_dir=work / f"ckpt_{name}",
+                          callbacks=[timer], resume=False)
+    steps = sorted(timer.times)
+    first = scale.timed_from
+    timed = [s for s in steps if s > first]
+    seconds = timer.times[timed[-1]] - timer.times[first]
+    examples = len(timed) * cfg.batch_size * cfg.gradient_accumulation_steps
+    losses = [h["loss"] for h in result.log_history if "loss" in h and "eval_loss" not in h]
+    out = {"examples_per_s": examples / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
+           "run_examples_per_s": result.examples_per_s, "peak_gib": result.peak_memory_gib,
+           "batch": cfg.batch_size, "gradient_checkpointing": cfg.gradient_checkpointing,
+           "cache_image_features": cfg.cache_image_features, "losses": losses,
+           "trainable_params": result.trainable_params}
+    return out, adapter_dir
+
+
+def loss_parity(model_dir, data_dir, scale: Scale):
+    """Guide recipe vs the project's levers over the same batches, from the same adapter."""
+    from datasets import load_from_disk
+
+    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.model import load_processor
+
+    processor = load_processor(model_dir)
+    rows = load_from_disk(str(data_dir))["train"]
+    collator = AnswerOnlyCollator(processor, "none", "right")
+    bs = scale.parity_batch
+    batches = [collator([rows[i] for i in range(s * bs, (s + 1) * bs)]) for s in range(scale.parity_steps)]
+    timing_batches = [collator([rows[i]]) for i in range(scale.guide_steps + 2)]
+
+    model = guide_model(model_dir)
+    cast_adapters_like_sft_trainer(model)
+    init = lora_state(model)
+    guide_eps, _, guide_peak = train_loop(model, timing_batches, guide_loss, warmup=2)
+    model.load_state_dict(init, strict=False)
+    _, guide_losses, _ = train_loop(model, batches, guide_loss, warmup=0)
+    free(model)
+    del model
+
+    curves = {}
+    model = project_parity_model(model_dir)
+    cast_adapters_like_sft_trainer(model)
+    missing = set(init) - set(lora_state(model))
+    if missing:
+        raise RuntimeError(f"project adapter names differ from the guide's: {sorted(missing)[:3]}")
+    for run in ("same_init", "dropout_seed_1", "seed_1"):
+        model.load_state_dict(init, strict=False)
+        if run == "seed_1":  # what rerunning with another seed changes: adapter init and dropout
+            torch.manual_seed(1)
+            for module in model.modules():
+                if hasattr(module, "reset_lora_parameters") and "default" in getattr(module, "lora_A", {}):
+                    module.reset_lora_parameters("default", True)
+            cast_adapters_like_sft_trainer(model)
+        _, curves[run], _ = train_loop(model, batches, project_loss, warmup=0, seed=0 if run == "same_init" else 1)
+    free(model)
+    del model
+
+    def mean_abs(a, b):
+        return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+
+    parity = {"batch": bs, "steps": scale.parity_steps, "guide": guide_losses, "project": curves["same_init"],
+              "project_dropout_seed_1": curves["dropout_seed_1"], "project_seed_1": curves["seed_1"],
+              "mean_abs_gap": mean_abs(guide_losses, curves["same_init"]),
+              "max_abs_gap": max(abs(x - y) for x, y in zip(guide_losses, curves["same_init"])),
+              "mean_abs_noise_dropout": mean_abs(curves["dropout_seed_1"], curves["same_init"]),
+              "mean_abs_noise_seed": mean_abs(curves["seed_1"], curves["same_init"])}
+    # Within noise: the two recipes differ less than one recipe differs from itself reseeded.
+    parity["within_noise"] = parity["mean_abs_gap"] <= parity["mean_abs_noise_seed"]
+    guide = {"examples_per_s": guide_eps, "peak_gib": guide_peak, "batch": 1}
+    return guide, parity
+
+
+def evaluation_inputs(data_dir, scale: Scale):
+    from datasets import load_from_disk
+
+    from vqatune.evaluation import _LazyImages, evaluation_rows, prompt_messages
+    from vqatune.prompts import PROMPT_MODES
+
+    test = load_from_disk(str(data_dir))["test"]
+    test = test.select(evaluation_rows(test, min(scale.gen_rows, len(test)), 0))
+    messages = {mode: [prompt_messages(m) for m in test[f"messages_{mode}"]] for mode in PROMPT_MODES}
+    return test, messages, _LazyImages(test)
+
+
+def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
+    """One at a time, greedy, 25 new tokens, nf4 + eager + unmerged adapter: the guide's loop,
+    spread evenly over the six configurations."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from vqatune.generation import prompt_texts
+    from vqatune.model import load_processor
+    from vqatune.prompts import PROMPT_MODES
+
+    test, messages, images = evaluation_inputs(data_dir, scale)
+    processor = load_processor(model_dir)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=DEV.compute_dtype)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=q, dtype=DEV.compute_dtype,
+                                                       attn_implementation="eager", device_map={"": DEV.type})
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    jobs = [(mode, tuned, i) for i in range(scale.guide_gen // 6 + 1) for mode in PROMPT_MODES
+            for tuned in (False, True)][:scale.guide_gen]
+    seconds, tokens = 0.0, 0
+    for n, (mode, tuned, i) in enumerate([jobs[0]] + jobs):  # the first is a warm-up
+        text = prompt_texts(processor, [messages[mode][i]])
+        inputs = processor(text=text, images=[[images[i]]], return_tensors="pt", add_special_tokens=False)
+        inputs = to_device(inputs)
+        ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
+        DEV.sync()
+        t = time.perf_counter()
+        with ctx, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=scale.new_tokens, do_sample=False)
+        DEV.sync()
+        if n:
+            seconds += time.perf_counter() - t
+            tokens += out.shape[1] - inputs["input_ids"].shape[1]
+    free(model, base)
+    return {"examples_per_s": len(jobs) / seconds, "examples": len(jobs), "batch": 1,
+            "mean_new_tokens": tokens / len(jobs)}
+
+
+def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
+    """The evaluate stage's generation: base loaded once (bf16), adapter on/off, image features
+    cached, generate_answers over the six configurations; then batched vs one-at-a-time."""
+    from vqatune.evaluation import EvaluateConfig, load_tuned_model
+    from vqatune.generation import generate_answers
+    from vqatune.prompts import PROMPT_MODES
+    from vqatune.speed import maybe_install_image_feature_cache
+
+    cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
+                         device=DEV.type, max_new_tokens=scale.new_tokens)
+    test, messages, images = evaluation_inputs(data_dir, scale)
+    model, processor = load_tuned_model(model_dir, adapter_dir, cfg)
+    cache = maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features)
+    DEV.reset()
+    generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
+                     max_new_tokens=2)  # warm-up (not timed)
+    answers, seconds = {}, 0.0
+    for mode in PROMPT_MODES:
+        for tuned in (False, True):
+            ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
+            DEV.sync()
+            t = time.perf_counter()
+            with ctx:
+                answers[(mode, tuned)] = generate_answers(model, processor, messages[mode], images,
+                                                          batch_size=cfg.batch_size,
+                                                          max_new_tokens=cfg.max_new_tokens)
+            DEV.sync()
+            seconds += time.perf_counter() - t
+    n = sum(len(a) for a in answers.values())
+    tok = processor.tokenizer
+    gen = {"examples_per_s": n / seconds, "examples": n, "configurations": 6, "batch": cfg.batch_size,
+           "peak_gib": DEV.peak_gib(),
+           "vision_forwards": cache.misses if cache else None, "cache_hits": cache.hits if cache else None}
+
+    # Parity: the same model one row at a time (tuned and base, prompt mode none).
+    k = min(scale.parity_rows // 2, len(test))
+    match, total, examples = 0, 0, []
+    for tuned in (True, False):
+        ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
+        with ctx:
+            single = generate_answers(model, processor, messages["none"][:k], [images[i] for i in range(k)],
+                                      batch_size=1, max_new_tokens=cfg.max_new_tokens)
+        batched = answers[("none", tuned)][:k]
+        same = [a == b for a, b in zip(single, batched)]
+        match += sum(same)
+        total += k
+        examples += [{"tuned": tuned, "batched": b, "single": s, "identical": e}
+                     for s, b, e in zip(single, batched, same) if not e or len(examples) < 2]
+    parity = {"rows": total, "share_identical": match / total, "examples": examples}
+    prompt_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
+                        [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                         for m in messages["none"]]) / len(messages["none"])
+    gen["mean_prompt_text_tokens"] = prompt_tokens
+    free(model)
+    return gen, parity
+
+
+# --------------------------------------------------------------------------- FLOPs and report
+
+def mfu_table(results: dict, model_dir: Path, data_dir: Path):
+    """Model FLOPs per example (one FLOP model for every row) and MFU against the card's peak."""
+    from datasets import load_from_disk
+
+    from transformers import AutoConfig
+
+    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.model import load_processor
+
+    config = AutoConfig.from_pretrained(model_dir)
+    fm = flop_model(config)
+    processor = load_processor(model_dir)
+    train = load_from_disk(str(data_dir))["train"]
+    sample = [train[i] for i in range(min(64, len(train)))]
+    batch = AnswerOnlyCollator(processor, "none", "right")(sample)
+    tokens = batch["attention_mask"].sum(1).float()
+    answer_tokens = float((batch["labels"] != -100).sum(1).float().mean())
+    qa_per_image = len(train) / len(set(train["img_id"]))
+    T = float(tokens.mean())
+    vision_share = fm["vision_per_image"] / qa_per_image
+    # Training: forward + activation-gradient backward of the frozen language model (2x forward;
+    # no weight gradients but LoRA's, ignored), logits at answer positions, the vision forward
+    # once per distinct image. Recompute (gradient checkpointing) is overhead, not model FLOPs.
+    train_flops = 2 * lm_forward_flops(fm, T, answer_tokens, T / 2) + vision_share
+    # Generation: prefill of the prompt + one forward per new token (logits for each), vision
+    # once per image for the six configurations.
+    gen = results["evaluation"]["project"]
+    # New tokens per answer: counted on the guide's outputs (the same model, prompts and greedy
+    # answers); the project's strings cannot be re-tokenized into the random model's ids.
+    new = results["evaluation"]["guide"]["mean_new_tokens"]
+    gen_flops = lm_forward_flops(fm, T - answer_tokens, 1, (T - answer_tokens) / 2) \
+        + new * (fm["lm_linear_per_token"] + fm["lm_head_per_token"] + fm["attention_per_pair"] * T) \
+        + fm["vision_per_image"] / (qa_per_image * 6)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in DEV.name), None)
+    results["flop_model"] = {
+        "peak_flops": peak, "mean_tokens": T, "mean_answer_tokens": answer_tokens,
+        "qa_per_image": qa_per_image, "train_flops_per_example": train_flops,
+        "generation_flops_per_example": gen_flops, **fm,
+        "statement": "matmul FLOPs (2 per multiply-add) of the language model over the example's real tokens "
+                     "(attention: 4*heads*head_dim per query-key pair), training = 2x forward (frozen base: "
+                     "activation gradients only; recompute not counted), logits at answer positions; "
+                     "vision forward once per distinct image (train) / per image for six configurations "
+                     "(evaluation); MFU = examples/s x FLOPs per example / card peak (989.4 TFLOP/s bf16 dense)"}
+    for section, flops in (("training", train_flops), ("evaluation", gen_flops)):
+        for row in results[section].values():
+            if isinstance(row, dict) and "examples_per_s" in row and peak:
+                row["mfu"] = row["examples_per_s"] * flops / peak
+
+
+def write_report(results: dict, out: Path):
+    tr, ev = results["training"], results["evaluation"]
+    lines = [f"Card: {results['device']}. {'Tiny stand-in model' if results['scale']['image_size'] < 896 else 'MedGemma-4B shapes'}, "
+             f"random weights, {results['scale']['image_size']} px, "
+             f"~{results['flop_model']['mean_tokens']:.0f} tokens per example.", "",
+             "| run | examples/s | vs guide | peak GiB | MFU |", "|---|---|---|---|---|"]
+
+    def row(label, r, base):
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        lines.append(f"| {label} | {r['examples_per_s']:.2f} | {r['examples_per_s'] / base:.1f}x | {peak} | {mfu} |")
+
+    g = tr["guide"]["examples_per_s"]
+    row("train: guide recipe (nf4, eager, batch 1, k-bit prep, LoRA MLP)", tr["guide"], g)
+    for key, r in tr.items():
+        if key != "guide":
+            row(f"train: project, {r['label']}", r, g)
+    ge = ev["guide"]["examples_per_s"]
+    row("evaluate: guide (one at a time, nf4, eager, 25 new tokens)", ev["guide"], ge)
+    row(f"evaluate: project (generate_answers, batch {ev['project']['batch']}, bf16, image cache, six configurations)",
+        ev["project"], ge)
+    p, q = results["parity"]["training"], results["parity"]["generation"]
+    lines += ["", f"train_speedup {results['train_speedup']:.1f}x, eval_speedup {results['eval_speedup']:.1f}x, "
+              f"16 GB mode: {results['mode_16gb']['examples_per_s']:.2f} examples/s at "
+              f"{results['mode_16gb']['peak_gib']:.1f} GiB peak.",
+              f"Loss parity ({p['steps']} steps, batch {p['batch']}): mean |guide - project| {p['mean_abs_gap']:.4f}, "
+              f"max {p['max_abs_gap']:.4f}; noise: project reseeded (adapter init + dropout) mean "
+              f"{p['mean_abs_noise_seed']:.4f}, dropout seed only {p['mean_abs_noise_dropout']:.4f}: "
+              f"{'within noise' if p['within_noise'] else 'NOT within noise'}.",
+              f"Generation parity: {100 * q['share_identical']:.1f}% of {q['rows']} batched answers identical to "
+              "one-at-a-time answers of the same model."]
+    text = "\n".join(lines) + "\n"
+    (out / "gpu_bench.md").write_text(text)
+    print(text)
+
+
+def main(argv=None):
+    global DEV
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="folder for gpu_bench.json and gpu_bench.md")
+    ap.add_argument("--work", default=None, help="scratch folder (model, data, adapters); default: a temp dir")
+    ap.add_argument("--tiny", action="store_true", help="the builtin tiny model on CPU (smoke test)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    DEV = Device()
+    scale = TINY if args.tiny else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        return run(work, out, scale, args.tiny)
+
+
+def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
+    import peft
+    import transformers
+    import trl
+
+    results = {"device": DEV.name, "torch": torch.__version__, "transformers": transformers.__version__,
+               "peft": peft.__version__, "trl": trl.__version__, "scale": dataclasses.asdict(scale)}
+    try:
+        import bitsandbytes
+        results["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+
+    def save():
+        (out / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    model_dir, data_dir, results["world"] = build_world(work, scale, tiny)
+    log.info("world %s", results["world"])
+
+    # Training: the guide, the parity runs, then the project through run_training.
+    guide, results.setdefault("parity", {})["training"] = loss_parity(model_dir, data_dir, scale)
+    results["training"] = {"guide": guide}
+    save()
+    log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
+                                                     if not isinstance(v, list)})
+    fast, adapter_dir = project_training(model_dir, data_dir, work, scale, name="default")
+    fast["label"] = f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache)"
+    results["training"]["project_default"] = fast
+    save()
+    log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})
+    # Evaluation.
+    results["evaluation"] = {"guide": guide_generation(model_dir, adapter_dir, data_dir, scale)}
+    save()
+    log.info("guide generation %s", results["evaluation"]["guide"])
+    results["evaluation"]["project"], results["parity"]["generation"] = \
+        project_generation(model_dir, adapter_dir, data_dir, scale)
+    save()
+    log.info("project generation %s", results["evaluation"]["project"])
+
+    mfu_table(results, model_dir, data_dir)
+    g, ge = guide["examples_per_s"], results["evaluation"]["guide"]["examples_per_s"]
+    best = max(results["training"][k]["examples_per_s"] for k in results["training"] if k != "guide")
+    results["train_speedup"] = results["training"]["project_default"]["examples_per_s"] / g
+    results["train_speedup_best"] = best / g
+    results["eval_speedup"] = results["evaluation"]["project"]["examples_per_s"] / ge
+    fits = [r for k, r in results["training"].items() if k != "guide" and (r.get("peak_gib") or 0) <= 15.0]
+    results["mode_16gb"] = max(fits, key=lambda r: r["examples_per_s"]) if fits else \
+        {"examples_per_s": 0.0, "peak_gib": float("nan"), "label": "none under 15 GiB"}
+    results["targets"] = {
+        "train_20x": results["train_speedup_best"] >= 20,
+        "eval_100x": results["eval_speedup"] >= 100,
+        "mode_16gb": bool(fits) and results["mode_16gb"]["examples_per_s"] >= 11.9,
+        "generation_parity_99": results["parity"]["generation"]["share_identical"] >= 0.99,
+        "loss_parity": results["parity"]["training"]["within_noise"],
+    }
+    save()
+    write_report(results, out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
