@@ -93,7 +93,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
         with _left_padding(tokenizer):
             # The next batch is tokenized and its images processed on CPU threads while the GPU
             # generates this one (vqatune.speed.BatchEncoder); the inputs are unchanged.
-            encoder = BatchEncoder(processor, texts, images)
+            encoder = BatchEncoder(processor, texts, images, threads=min(batch_size, len(texts)))
         pending = encoder.submit(batches[0]) if batches else None
         for n, rows in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
             inputs = pending.result()

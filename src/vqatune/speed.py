@@ -241,7 +241,8 @@ class BatchEncoder:
         from concurrent.futures import ThreadPoolExecutor
 
         self.texts, self.images = texts, images
-        self.threads = max(1, threads or min(8, os.cpu_count() or 1))
+        # At most 8 threads and one per core; a one-row call (vqatune ask) copies the processor once.
+        self.threads = max(1, min(threads or 8, 8, os.cpu_count() or 1))
         # Copies taken now carry the caller's padding side (left for generation).
         self.processors = [copy.deepcopy(processor) for _ in range(self.threads)]
         self.pad_token_id = processor.tokenizer.pad_token_id
