@@ -436,10 +436,14 @@ def test_stage_stops_on_a_bad_search_key_before_any_training(tmp_path, capsys):
 def test_stage_writes_best_params_the_training_stage_reads(tmp_path, tiny_model_dir, processed_dir):
     from vqatune.training import TrainConfig, apply_overrides, load_hyperparameters
 
+    # A copy: the stage must leave data/processed (the prepare stage's DVC output) as it was.
+    data = shutil.copytree(processed_dir, tmp_path / "processed")
+    files = sorted(p.relative_to(data) for p in data.rglob("*"))
     tune_params = {"storage": f"sqlite:///{tmp_path}/tune/study.db", "n_trials": 2, "max_steps": 1,
                    "evals_per_trial": 1, "eval_rows": 2, "pruner": "none", "sampler": "random"}
-    code, out = run_stage(tmp_path, tune_params, model=tiny_model_dir, data=processed_dir)
+    code, out = run_stage(tmp_path, tune_params, model=tiny_model_dir, data=data)
     assert code == 0
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == files
     best = json.loads(out["best"].read_text())
     metrics = json.loads(out["metrics"].read_text())
     assert best["searched"] and set(best["params"]) == set(TuneConfig().search_space)
@@ -452,7 +456,7 @@ def test_stage_writes_best_params_the_training_stage_reads(tmp_path, tiny_model_
     assert history[0] == "trial,state,value,best_value,seconds,rss_mib" and len(history) == 3
     # Run again with the same inputs: the study resumes, already done, and runs no trial.
     before = out["metrics"].stat().st_mtime_ns
-    code, out = run_stage(tmp_path, tune_params, model=tiny_model_dir, data=processed_dir)
+    code, out = run_stage(tmp_path, tune_params, model=tiny_model_dir, data=data)
     assert code == 0 and out["metrics"].stat().st_mtime_ns > before
     again = json.loads(out["metrics"].read_text())
     assert again["study"] == metrics["study"] and again["trials_complete"] == 2

@@ -12,6 +12,7 @@ every trial.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -320,6 +321,25 @@ def run_search(cfg: TuneConfig, study_name: str, objective: Callable, *, worker:
 _NEVER = 10**9
 
 
+@contextlib.contextmanager
+def _no_dataset_cache_files():
+    """Keep ``datasets`` from writing cache files next to the data for this block.
+
+    A trial's subset is a shuffle of the train split, and ``datasets`` writes a shuffle's indices
+    beside the loaded dataset: into data/processed, the prepare stage's DVC output, which DVC
+    would then see as modified. With caching off they go to a temporary folder instead.
+    """
+    import datasets
+
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()
+
+
 def trial_budget(cfg: TuneConfig) -> dict[str, Any]:
     """`train:` overrides every trial gets: its budget, and no checkpoints or early stopping."""
     budget = {"epochs": cfg.epochs, "max_steps": cfg.max_steps or -1, "load_best_model_at_end": False,
@@ -407,7 +427,8 @@ def training_objective(cfg: TuneConfig, train_cfg, model_dir, processed_dir, *,
         params = suggest(trial, cfg.search_space)
         trial_cfg = apply_overrides(train_cfg, {**budget, **params})
         callback = pruning_callback(trial, cfg.objective, cfg.evals_per_trial)
-        with tempfile.TemporaryDirectory(prefix=f"vqatune-trial-{trial.number}-") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"vqatune-trial-{trial.number}-") as scratch, \
+                _no_dataset_cache_files():
             result = run_training(trial_cfg, model_dir, processed_dir, None, checkpoint_dir=scratch,
                                   callbacks=[callback], max_train_rows=max_train_rows, resume=False,
                                   trust_remote_code=trust_remote_code, device=device)
