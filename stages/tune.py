@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = trial_counts(study)
     seconds = time.perf_counter() - start
-    summary = (f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
-               f"in {seconds:.0f} s")
+    summary = (f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed, "
+               f"{counts['abandoned']} abandoned (interrupted or dead worker) in {seconds:.0f} s")
     if args.worker:
         print(f"tune: worker {args.worker} done; study {study.study_name}: {summary}")
         return 0

@@ -147,8 +147,8 @@ def test_failed_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp_
         return good(trial)
 
     study = run_search(cfg, "oom", objective)
-    assert trial_counts(study) == {"complete": 3, "pruned": 0, "failed": 2, "surplus": 0, "running": 0,
-                                   "waiting": 0}
+    assert trial_counts(study) == {"complete": 3, "pruned": 0, "failed": 2, "abandoned": 0, "surplus": 0,
+                                   "running": 0, "waiting": 0}
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert [t.user_attrs["fail_reason"] for t in failed] == \
         ["OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"] * 2
@@ -253,6 +253,7 @@ def test_a_killed_search_resumes_keeping_finished_trials_and_runs_only_the_rest(
     # stale) and only the remainder ran in the second process.
     dead = [t for t in study.trials if t.state.name == "FAIL"]
     assert len(dead) == 1 and "died mid-trial" in dead[0].user_attrs["fail_reason"]
+    assert trial_counts(study)["abandoned"] == 1 and trial_counts(study)["failed"] == 0
     rerun = [t for t in study.trials if t.user_attrs["worker"]["pid"] == second.pid]
     assert len(rerun) == 5 - len(before) and all(t.state.name == "COMPLETE" for t in rerun)
 

@@ -302,12 +302,10 @@ def run_search(cfg: TuneConfig, study_name: str, objective: Callable, *, worker:
     counts = trial_counts(study)
     log.info("worker %d ran %d trial(s); study has %s", worker, ran, counts)
     if counts["complete"] == 0:
-        reasons = [t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)
-                   if t.state.name == "FAIL" and not t.user_attrs.get("surplus")]
-        reasons = [r for r in reasons if r]
+        reasons = [t.user_attrs["fail_reason"] for t in study.get_trials(deepcopy=False)
+                   if t.user_attrs.get("error")]
         if counts["failed"] and not counts["pruned"]:
-            raise SearchError(f"all {counts['failed']} trials failed; last reason: "
-                              f"{reasons[-1] if reasons else 'worker stopped'}")
+            raise SearchError(f"all {counts['failed']} trials failed; last reason: {reasons[-1]}")
         raise SearchError(f"no trial completed ({counts['pruned']} pruned, {counts['failed']} failed); "
                           "raise tune.timeout or tune.pruner_startup_trials")
     return study

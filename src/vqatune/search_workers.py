@@ -80,14 +80,21 @@ def fail_abandoned_trials(study) -> int:
 def trial_counts(study) -> dict[str, int]:
     from optuna.trial import TrialState
 
-    counts = {"complete": 0, "pruned": 0, "failed": 0, "surplus": 0, "running": 0, "waiting": 0}
+    """Trials by state. A FAIL is `failed` when the trial raised, `abandoned` when its worker was
+    interrupted or died (not the settings' fault: it counts against no budget), `surplus` when it
+    lost the race for the study's last slot."""
+    counts = {"complete": 0, "pruned": 0, "failed": 0, "abandoned": 0, "surplus": 0, "running": 0,
+              "waiting": 0}
     for trial in study.get_trials(deepcopy=False):
         if trial.state == TrialState.COMPLETE:
             counts["complete"] += 1
         elif trial.state == TrialState.PRUNED:
             counts["pruned"] += 1
         elif trial.state == TrialState.FAIL:
-            counts["surplus" if trial.user_attrs.get("surplus") else "failed"] += 1
+            if trial.user_attrs.get("surplus"):
+                counts["surplus"] += 1
+            else:
+                counts["failed" if trial.user_attrs.get("error") else "abandoned"] += 1
         elif trial.state == TrialState.RUNNING:
             counts["running"] += 1
         else:
@@ -170,6 +177,7 @@ def _claimed(objective: Callable, target: int) -> Callable:
         # its frames hold (a CUDA OOM's included), is gone: free them before the next trial.
         _record_memory(trial)
         trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("error", True)
         raise TrialFailed(reason)
 
     return run
