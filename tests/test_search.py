@@ -171,6 +171,25 @@ def test_when_every_trial_fails_the_search_stops_with_one_line(tmp_path):
     assert message == "all 3 trials failed; last reason: ValueError: labels are all -100: no answer tokens in the batch"
 
 
+def test_ctrl_c_stops_the_worker_and_the_trial_is_abandoned_not_failed(tmp_path):
+    cfg = tune_cfg(tmp_path, n_trials=3)
+    good = quadratic(cfg)
+
+    def objective(trial):
+        if trial.number == 1:
+            raise KeyboardInterrupt
+        return good(trial)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg, "interrupted", objective)
+    study = optuna.load_study(study_name="interrupted", storage=cfg.storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert study.trials[1].user_attrs["fail_reason"] == "interrupted (Ctrl-C or SIGTERM)"
+    assert trial_counts(study)["abandoned"] == 1 and trial_counts(study)["failed"] == 0
+    # Started again, it runs only the two missing trials.
+    assert trial_counts(run_search(cfg, "interrupted", good))["complete"] == 3
+
+
 WORKER = textwrap.dedent("""
     import sys, time
     from vqatune.config import build
@@ -345,7 +364,28 @@ def live_models() -> int:
                    if isinstance(obj, torch.nn.Module) and type(obj).__name__.endswith("ForConditionalGeneration"))
 
 
-def test_tiny_trials_prune_a_bad_one_early_and_leak_no_memory(tmp_path, tiny_model_dir, processed_dir):
+class OomOnTrial:
+    """A TrainerCallback that raises CUDA's out-of-memory error in the middle of one trial."""
+
+    def __init__(self, number: int):
+        self.number, self.calls = number, 0
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+    def on_train_begin(self, *args, **kwargs):
+        self.calls += 1
+
+    def on_step_end(self, *args, **kwargs):
+        import torch
+
+        if self.calls == self.number + 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_tiny_trials_prune_early_fail_cleanly_and_leak_no_memory(tmp_path, tiny_model_dir, processed_dir):
     import torch
 
     from vqatune.training import TrainConfig
@@ -358,28 +398,29 @@ def test_tiny_trials_prune_a_bad_one_early_and_leak_no_memory(tmp_path, tiny_mod
                    search_space={"learning_rate": {"kind": "categorical", "choices": [1e-2, 1e-7]}})
     study = open_study(cfg, "tiny")
     # A learning rate that moves the loss, then one that cannot: the second is worse than the
-    # median at the first evaluation and must stop there, halfway through its steps.
-    for lr in (1e-2, 1e-7, 1e-2, 1e-2):
+    # median at the first evaluation and must stop there, halfway through its steps. The third
+    # runs out of (simulated) CUDA memory mid-training: failed, freed, and the study goes on.
+    for lr in (1e-2, 1e-7, 1e-2, 1e-2, 1e-2):
         study.enqueue_trial({"learning_rate": lr})
-    train_trial = training_objective(cfg, train, tiny_model_dir, processed_dir)
-    models_after = []
+    train_trial = training_objective(cfg, train, tiny_model_dir, processed_dir, callbacks=[OomOnTrial(2)])
+    models_alive = []
 
     def objective(trial):
-        try:
-            return train_trial(trial)
-        finally:
-            models_after.append(live_models())
+        models_alive.append(live_models())  # what the trials before this one left behind
+        return train_trial(trial)
 
     study = run_search(cfg, "tiny", objective)
     trials = study.trials
-    assert [t.state.name for t in trials[:2]] == ["COMPLETE", "PRUNED"]
-    assert trial_counts(study)["complete"] + trial_counts(study)["pruned"] == 4
+    assert [t.state.name for t in trials[:3]] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert trials[2].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory (simulated)"
+    counts = trial_counts(study)
+    assert counts["complete"] + counts["pruned"] == 4 and counts["failed"] == 1 and len(trials) == 5
     assert list(trials[0].intermediate_values) == [1, 2] and trials[0].user_attrs["steps"] == 4
     assert list(trials[1].intermediate_values) == [1] and trials[1].user_attrs["steps"] == 2
     assert trials[1].intermediate_values[1] > trials[0].intermediate_values[1]
     # Every model was freed after its trial, and the process did not grow trial over trial
     # (the first trial pays one-off allocations: imports, the allocator's arenas).
-    assert models_after == [0, 0, 0, 0]
+    assert models_alive == [0, 0, 0, 0, 0] and live_models() == 0
     rss = [t.user_attrs["rss_mib"] for t in trials]
     assert rss[-1] - rss[1] < 24, f"process memory grew over trials: {rss} MiB"
     best = best_params_record(study)

@@ -20,7 +20,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 from .config import ConfigError, require
 from .search_workers import SearchError, run_worker, trial_counts  # noqa: F401 (re-exported)
@@ -407,8 +407,12 @@ def check_search_space(train_cfg, space: dict[str, SearchParam]) -> None:
 
 
 def training_objective(cfg: TuneConfig, train_cfg, model_dir, processed_dir, *,
-                       trust_remote_code: bool = False, device: Optional[str] = None) -> Callable:
-    """An Optuna objective that trains ``train_cfg`` with a trial's params on the trial budget."""
+                       trust_remote_code: bool = False, device: Optional[str] = None,
+                       callbacks: Sequence = ()) -> Callable:
+    """An Optuna objective that trains ``train_cfg`` with a trial's params on the trial budget.
+
+    ``callbacks``: more TrainerCallbacks for every trial (logging, or a test's injected failure).
+    """
     import tempfile
 
     import optuna
@@ -428,7 +432,7 @@ def training_objective(cfg: TuneConfig, train_cfg, model_dir, processed_dir, *,
         with tempfile.TemporaryDirectory(prefix=f"vqatune-trial-{trial.number}-") as scratch, \
                 _no_dataset_cache_files():
             result = run_training(trial_cfg, model_dir, processed_dir, None, checkpoint_dir=scratch,
-                                  callbacks=[callback], max_train_rows=max_train_rows, resume=False,
+                                  callbacks=[callback, *callbacks], max_train_rows=max_train_rows, resume=False,
                                   trust_remote_code=trust_remote_code, device=device)
         trial.set_user_attr("steps", result.steps)
         trial.set_user_attr("train_seconds", result.seconds)
