@@ -143,7 +143,6 @@ def _claimed(objective: Callable, target: int) -> Callable:
     live trials come first; a trial with ``target`` live trials before it is surplus and gives up
     before any work. This closes the race between counting and asking.
     """
-
     import optuna
 
     from .training import TrainingInterrupted
