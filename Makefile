@@ -14,6 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m vqatune.export.converter
 	touch $(STAMP)
 
 install: $(STAMP)
