@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export_helpers import make_perturbed_adapter
+from conftest_adapters import make_perturbed_adapter
 from vqatune.ask import EXIT_BATCH, EXIT_IMAGE, EXIT_MODEL, EXIT_QUESTION, EXIT_ROWS
 from vqatune.cli import main
 

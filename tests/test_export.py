@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from export_helpers import make_perturbed_adapter
+from conftest_adapters import make_perturbed_adapter
 from vqatune.export.converter import ConverterError, install_converter, unpack_converter
 from vqatune.export.gguf import (ExportConfig, ExportError, export_gguf, hparam_mismatches,
                                  llama_cpp_layer_types, marker_token_types, text_logit_difference)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export_helpers import make_perturbed_adapter
+from conftest_adapters import make_perturbed_adapter
 from vqatune.export.merge import (ORIGINAL_PREFIXES, MergeConfig, MergeError, checkpoint_dtype,
                                   layout_problems, merge_adapter, probe_inputs, probe_logits,
                                   tensor_names)
