@@ -2,7 +2,6 @@
 really are the base model, the tuned ones really use the adapter, every output is written."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from vqatune.config import ConfigError, build
 from vqatune.evaluation import EvaluateConfig, evaluation_rows, prompt_messages
 from vqatune.generation import generate_answers
 from vqatune.metrics import METRIC_NAMES
+from conftest_stages import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = 10
@@ -38,10 +38,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 
 def _load_stage():
-    spec = importlib.util.spec_from_file_location("evaluate_stage", REPO / "stages" / "evaluate.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    return stage
+    return load_stage("evaluate")
 
 
 @pytest.fixture(scope="module")

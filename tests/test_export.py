@@ -4,7 +4,6 @@ logits, and the Modelfile parses as Ollama parses it."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest_adapters import make_perturbed_adapter
+from conftest_stages import load_stage
 from vqatune.export.converter import ConverterError, install_converter, unpack_converter
 from vqatune.export.gguf import (ExportConfig, ExportError, export_gguf, hparam_mismatches,
                                  llama_cpp_layer_types, marker_token_types, text_logit_difference)
@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-vqa"
 # f16 weights: each rounds by <= 2^-11 relative; on logits of ~0.7 that is ~1e-3 at most.
 F16_TOLERANCE = 5e-3
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +47,7 @@ def exported(merged_dir):
     text = (ROOT / "params.yaml").read_text().replace("name: medgemma-kvasir", f"name: {NAME}")
     params.write_text(text)
     out, metrics = work / "gguf", work / "export.json"
-    code = _stage("export").main(["--merged", str(merged_dir), "--out", str(out),
+    code = load_stage("export").main(["--merged", str(merged_dir), "--out", str(out),
                                   "--metrics", str(metrics), "--params", str(params)])
     assert code == 0
     return out, json.loads(metrics.read_text())
@@ -234,7 +227,7 @@ def test_export_refuses_turn_markers_llama_cpp_would_spell_out(merged_dir, tmp_p
 def test_bad_export_name_stops_with_the_key(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("export:\n  name: ../evil name\n")
-    code = _stage("export").main(["--merged", str(tmp_path), "--out", str(tmp_path / "gguf"),
+    code = load_stage("export").main(["--merged", str(tmp_path), "--out", str(tmp_path / "gguf"),
                                   "--metrics", str(tmp_path / "m.json"), "--params", str(params)])
     assert code == 2 and "export.name" in capsys.readouterr().err
 

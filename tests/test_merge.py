@@ -2,7 +2,6 @@
 llama.cpp's converter reads, with tied embeddings, processor and tokenizer.model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from conftest_adapters import make_perturbed_adapter
+from conftest_stages import load_stage
 from vqatune.export.merge import (ORIGINAL_PREFIXES, MergeConfig, MergeError, checkpoint_dtype,
                                   layout_problems, merge_adapter, probe_inputs, probe_logits,
                                   tensor_names)
@@ -18,13 +18,6 @@ from vqatune.export.merge import (ORIGINAL_PREFIXES, MergeConfig, MergeError, ch
 ROOT = Path(__file__).resolve().parents[1]
 # float32 merge: what remains is summation order, ~1e-6 on logits of ~0.7.
 FP32_TOLERANCE = 1e-4
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def merged(tiny_model_dir, adapter_dir, tmp_path_factory):
     params = work / "params.yaml"
     params.write_text("merge:\n  dtype: float32\n  device: cpu\n")
     out, metrics = work / "merged", work / "merge.json"
-    code = _stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(adapter_dir),
+    code = load_stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(adapter_dir),
                                  "--out", str(out), "--metrics", str(metrics), "--params", str(params)])
     assert code == 0
     return out, json.loads(metrics.read_text())
@@ -124,7 +117,7 @@ def test_adapter_that_unties_embeddings_is_refused(tiny_model_dir, adapter_dir, 
 
 
 def test_missing_adapter_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys):
-    code = _stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(tmp_path / "none"),
+    code = load_stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(tmp_path / "none"),
                                  "--out", str(tmp_path / "merged"), "--metrics", str(tmp_path / "m.json"),
                                  "--params", str(ROOT / "params.yaml")])
     err = capsys.readouterr().err.strip()
@@ -136,7 +129,7 @@ def test_missing_adapter_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys
 def test_unknown_merge_key_stops_before_loading(tiny_model_dir, adapter_dir, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text("merge:\n  dtype: int4\n")
-    code = _stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(adapter_dir),
+    code = load_stage("merge").main(["--base", str(tiny_model_dir), "--adapter", str(adapter_dir),
                                  "--out", str(tmp_path / "merged"), "--metrics", str(tmp_path / "m.json"),
                                  "--params", str(params)])
     assert code == 2 and "merge.dtype" in capsys.readouterr().err

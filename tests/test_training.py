@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from conftest_stages import load_stage
 from vqatune.config import ConfigError, load_params, section
 from vqatune.training import (PARTIAL_MARKER, TrainConfig, TrainingInterrupted, apply_overrides,
                               last_complete_checkpoint, load_hyperparameters, run_training,
@@ -208,12 +209,9 @@ def test_stage_writes_adapter_card_metrics_and_curves(tiny_model_dir, processed_
 
 @pytest.fixture
 def stages_train(monkeypatch):
-    import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("stages_train", REPO / "stages" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_stage("train")
     monkeypatch.setitem(sys.modules, "stages_train", module)
     return module
 
