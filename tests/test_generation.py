@@ -87,3 +87,44 @@ def test_mismatched_inputs_are_refused(tiny):
     messages, images = _inputs(2)
     with pytest.raises(ValueError, match="2 message lists for 1 images"):
         generate_answers(model, processor, messages, images[:1])
+
+
+def test_image_keys_give_the_same_answers_and_process_each_image_once(tiny):
+    from vqatune.speed import ImagePixelCache
+
+    model, processor = tiny
+    messages, distinct = _inputs(9)
+    images = [distinct[i % 3] for i in range(9)]  # three images, three questions each
+    keys = [f"img{i % 3}" for i in range(9)]
+    plain = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6)
+    cache, stats = ImagePixelCache(), {}
+    keyed = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6,
+                             image_keys=keys, pixel_cache=cache, stats=stats)
+    assert keyed == plain and any(plain)
+    assert stats["images_processed"] == 3 and stats["images_reused"] == 6
+    # A second configuration over the same images reuses every one of them; stats add up.
+    again = generate_answers(model, processor, messages[::-1], images[::-1], batch_size=4, max_new_tokens=6,
+                             image_keys=keys[::-1], pixel_cache=cache, stats=stats)
+    assert again == plain[::-1]
+    assert stats["images_processed"] == 3 and stats["images_reused"] == 15
+    assert stats["rows"] == 18 and stats["batches"] == 6
+    for key in ("encode_wait_s", "transfer_s", "generate_s", "decode_s", "total_s"):
+        assert stats[key] >= 0
+    assert stats["generate_s"] > 0 and stats["total_s"] >= stats["generate_s"] + stats["encode_wait_s"]
+
+
+def test_static_cache_gives_the_dynamic_answers(tiny):
+    model, processor = tiny
+    messages, images = _inputs(5)
+    caches = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: caches.append(type(kwargs.get("past_key_values")).__name__), with_kwargs=True)
+    try:
+        static = generate_answers(model, processor, messages, images, batch_size=3, max_new_tokens=6,
+                                  cache_implementation="static")
+    finally:
+        hook.remove()
+    assert set(caches) == {"StaticCache"}, "the static cache must really be used"
+    assert static == generate_answers(model, processor, messages, images, batch_size=3, max_new_tokens=6)
+    with pytest.raises(ValueError, match="cache_implementation must be one of"):
+        generate_answers(model, processor, messages, images, cache_implementation="hybrid")

@@ -155,3 +155,110 @@ def test_batch_encoder_returns_what_one_processor_call_returns(tiny):
     for key in ref:
         assert torch.equal(got[key], ref[key]), key
     assert one["input_ids"].shape[0] == 1
+
+
+class _CountingImages(list):
+    """The image column, counting reads: an image already in the pixel cache is never read."""
+
+    def __init__(self, images):
+        super().__init__(images)
+        self.reads: list[int] = []
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return super().__getitem__(i)
+
+
+def _test_rows(processed_dir):
+    """Test-split rows of four images, two of them asked three questions, in interleaved order."""
+    from datasets import load_from_disk
+
+    test = load_from_disk(str(processed_dir))["test"]
+    by_image: dict[str, list[int]] = {}
+    for i, img_id in enumerate(test["img_id"]):
+        by_image.setdefault(img_id, []).append(i)
+    groups = sorted(by_image.values(), key=len, reverse=True)
+    chosen = [g[:3] for g in groups[:2]] + [g[:1] for g in groups[2:4]]
+    assert [len(g) for g in chosen] == [3, 3, 1, 1]
+    order = [g[k] for k in range(3) for g in chosen if k < len(g)]  # images repeat, not adjacent
+    return test.select(order)
+
+
+def _texts(processor, rows, mode_offset=0):
+    from vqatune.evaluation import prompt_messages
+    from vqatune.generation import prompt_texts
+
+    modes = ["none", "static", "adaptive"]  # different prompt lengths -> real padding
+    return prompt_texts(processor, [prompt_messages(row[f"messages_{modes[(i + mode_offset) % 3]}"])
+                                    for i, row in enumerate(rows)])
+
+
+def _reference(processor, texts, images):
+    return processor(text=texts, images=[[im] for im in images], padding=True, add_special_tokens=False,
+                     return_tensors="pt")
+
+
+def _assert_identical(got, ref):
+    assert set(got) == set(ref)
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype, key
+        assert torch.equal(got[key], ref[key]), key
+
+
+def test_batch_encoder_with_image_keys_returns_what_one_processor_call_returns(tiny, processed_dir):
+    _, processor = tiny
+    rows = _test_rows(processed_dir)
+    keys = rows["img_id"]
+    plain = rows["image"]
+    images = _CountingImages(plain)
+    texts = _texts(processor, rows)
+    side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "left"
+    try:
+        ref = _reference(processor, texts, plain)
+        assert len(set(ref["attention_mask"].sum(1).tolist())) > 1, "rows must differ in length"
+        cache = speed.ImagePixelCache()
+        encoder = speed.BatchEncoder(processor, texts, images, threads=2, image_keys=keys, pixel_cache=cache)
+        try:
+            first = encoder.submit([0, 1, 4]).result()  # rows 0 and 4 show the same image
+            whole = encoder.submit(list(range(len(rows)))).result()
+        finally:
+            encoder.close()
+        _assert_identical(whole, ref)
+        _assert_identical(first, _reference(processor, [texts[i] for i in (0, 1, 4)], [plain[i] for i in (0, 1, 4)]))
+        assert len(set(keys)) == 4 and cache.computed == 4 and len(cache) == 4
+        assert sorted(images.reads) == [0, 1, 2, 3], "each image is read (and processed) once"
+
+        # Another configuration (other prompts, same images) with the same cache: no image is read.
+        other_texts = _texts(processor, rows, mode_offset=1)
+        images.reads.clear()
+        encoder = speed.BatchEncoder(processor, other_texts, images, threads=3, image_keys=keys, pixel_cache=cache)
+        try:
+            again = encoder.submit(list(range(len(rows)))).result()
+        finally:
+            encoder.close()
+        assert images.reads == []
+        _assert_identical(again, _reference(processor, other_texts, plain))
+
+        # Pixels stored in the model's dtype are the processor's pixels cast to it.
+        bf16 = speed.BatchEncoder(processor, texts, plain, threads=1, image_keys=keys,
+                                  pixel_dtype=torch.bfloat16)
+        try:
+            half = bf16.submit(list(range(len(rows)))).result()
+        finally:
+            bf16.close()
+        assert torch.equal(half["pixel_values"], ref["pixel_values"].to(torch.bfloat16))
+        assert torch.equal(half["input_ids"], ref["input_ids"])
+    finally:
+        processor.tokenizer.padding_side = side
+
+
+def test_batch_encoder_refuses_image_keys_it_cannot_honour(tiny):
+    _, processor = tiny
+    two = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}],
+        add_generation_prompt=True, tokenize=False)
+    with pytest.raises(ValueError, match="2 image placeholders"):
+        speed.BatchEncoder(processor, [two], [None], image_keys=["a"])
+    with pytest.raises(ValueError, match="1 image keys for 2 prompts"):
+        speed.BatchEncoder(processor, [two, two], [None, None], image_keys=["a"])

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+import time
+from typing import Any, Hashable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -58,15 +59,34 @@ def prompt_texts(processor, messages_list: Sequence[list[dict]]) -> list[str]:
             for messages in messages_list]
 
 
+GENERATION_CACHES = ("dynamic", "static")
+
+
 def generate_answers(model, processor, messages_list: Sequence[list[dict]], images: Sequence[Any],
-                     *, batch_size: int = 8, max_new_tokens: int = 25,
-                     progress: bool = False) -> list[str]:
+                     *, batch_size: int = 8, max_new_tokens: int = 25, progress: bool = False,
+                     image_keys: Sequence[Hashable] | None = None, pixel_cache=None,
+                     cache_implementation: str = "dynamic", stats: dict | None = None) -> list[str]:
     """Greedy answers, one per (messages, image), in input order.
 
     ``messages_list`` holds chat messages without the assistant turn (``prompts.build_messages``);
     each user turn carries one image part, filled with the matching entry of ``images``.
     Prompts are sorted by length so a batch holds similar lengths (little padding), padded on
     the left, and each answer is the decoded tokens after its prompt, stripped.
+
+    ``image_keys`` (one per row, e.g. the dataset's ``img_id``; equal keys = the same image) has
+    each distinct image processed once, into ``pixel_cache`` (a ``speed.ImagePixelCache``; pass
+    the same one to several calls over the same images, e.g. evaluation's six configurations);
+    the inputs, hence the answers, are the same as without. ``images`` is then read only for
+    images not in the cache yet.
+
+    ``cache_implementation``: "dynamic" (transformers' default) or "static" (a preallocated KV
+    cache; on CUDA transformers then compiles the decoding step, see ``EvaluateConfig``).
+
+    ``stats``, when given, gets seconds added under ``encode_wait_s`` (waiting for inputs the
+    CPU threads had not finished), ``transfer_s`` (inputs to the device), ``generate_s``
+    (``model.generate``, synchronised on CUDA), ``decode_s``, ``total_s``, plus ``encode_thread_s``
+    (the threads' encoding time, summed), ``rows``, ``batches`` and, with ``image_keys``,
+    ``images_processed`` / ``images_reused``. Values add up over calls sharing one dict.
     """
     import torch
 
@@ -74,6 +94,9 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
         raise ValueError(f"{len(messages_list)} message lists for {len(images)} images")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if cache_implementation not in GENERATION_CACHES:
+        raise ValueError(f"cache_implementation must be one of {GENERATION_CACHES}, got {cache_implementation!r}")
+    started = time.perf_counter()
     texts = prompt_texts(processor, messages_list)
     tokenizer = processor.tokenizer
     # Text-token length is the sort key: every prompt carries the same number of image tokens.
@@ -82,28 +105,48 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     answers: list[str] = [""] * len(texts)
     device, dtype = _input_device(model), _floating_dtype(model)
     stop = stop_token_ids(model, tokenizer)
+    # The static cache is transformers' own; "dynamic" stays its default (nothing passed).
+    cache_kwargs = {"cache_implementation": "static"} if cache_implementation == "static" else {}
+    sync = torch.cuda.synchronize if device.type == "cuda" and stats is not None else (lambda: None)
+    timing = dict.fromkeys(("encode_wait_s", "transfer_s", "generate_s", "decode_s"), 0.0)
 
-    from .speed import BatchEncoder
+    from .speed import BatchEncoder, ImagePixelCache
 
+    if image_keys is not None and pixel_cache is None:
+        pixel_cache = ImagePixelCache()
+    computed, reused = (pixel_cache.computed, pixel_cache.reused) if pixel_cache is not None else (0, 0)
     was_training = model.training
     model.eval()
     encoder = None
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     try:
         with _left_padding(tokenizer):
-            # The next batch is tokenized and its images processed on CPU threads while the GPU
-            # generates this one (vqatune.speed.BatchEncoder); the inputs are unchanged.
-            encoder = BatchEncoder(processor, texts, images, threads=min(batch_size, len(texts)))
+            # The next batch is encoded on CPU threads while the GPU generates this one
+            # (vqatune.speed.BatchEncoder); the inputs are unchanged. Pixels are stored in the
+            # dtype the model takes them in (the cast below is then a no-op).
+            encoder = BatchEncoder(processor, texts, images, threads=min(batch_size, len(texts)),
+                                   image_keys=image_keys,
+                                   pixel_cache=pixel_cache if image_keys is not None else None,
+                                   pixel_dtype=dtype if image_keys is not None else None)
         pending = encoder.submit(batches[0]) if batches else None
         for n, rows in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
+            clock = time.perf_counter()
             inputs = pending.result()
             if n + 1 < len(batches):
                 pending = encoder.submit(batches[n + 1])
+            timing["encode_wait_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             inputs = {k: (v.to(device, dtype) if k == "pixel_values" and dtype is not None
                           else v.to(device)) for k, v in inputs.items()}
+            sync()
+            timing["transfer_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             with torch.inference_mode():
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
+                                        pad_token_id=tokenizer.pad_token_id, **cache_kwargs)
+            sync()
+            timing["generate_s"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             # Left padding puts every prompt's end at the same column: the answer starts there.
             new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
             # The answer ends at the turn's end: decoding alone would keep <end_of_turn> on a
@@ -113,8 +156,17 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
                                              skip_special_tokens=True)
             for i, text in zip(rows, decoded):
                 answers[i] = text.strip()
+            timing["decode_s"] += time.perf_counter() - clock
     finally:
         if encoder is not None:
             encoder.close()
         model.train(was_training)
+    if stats is not None:
+        timing.update(total_s=time.perf_counter() - started, rows=len(texts), batches=len(batches),
+                      encode_thread_s=encoder.encode_seconds if encoder is not None else 0.0)
+        if pixel_cache is not None:
+            timing.update(images_processed=pixel_cache.computed - computed,
+                          images_reused=pixel_cache.reused - reused)
+        for key, value in timing.items():
+            stats[key] = stats.get(key, 0) + value
     return answers

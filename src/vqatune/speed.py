@@ -23,6 +23,7 @@ tower). The numbers behind each choice are in benchmarks/results/ and the README
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -224,31 +225,96 @@ def dequantize_for_generation(model, dtype: torch.dtype = torch.bfloat16) -> int
 
 # --------------------------------------------------------------------------- generation inputs
 
-class BatchEncoder:
-    """Processor calls for generation batches on CPU threads, a batch ahead of the GPU.
+class ImagePixelCache:
+    """``pixel_values`` per image key, made once by the processor and reused by every row and every
+    configuration that shows that image.
 
-    At 896 px a row costs ~20 ms of CPU (PNG decode, resize/normalise, tokenize): 192 rows are
-    ~4 s, more than the H100 needs to answer them (benchmarks/: generation was CPU-bound at
-    25 examples/s). Each batch is split into one chunk per thread, each thread has its own copy
-    of the processor (a fast tokenizer is not safe to share across threads), and the chunks are
-    padded on the left to the batch's longest row, which is exactly what one processor call on
-    the whole batch returns. Pillow's decoders, torchvision and the tokenizers release the GIL.
+    Kvasir images carry ~9 questions each and evaluation asks them in six configurations, so an
+    image comes back ~54 times; at 896 px its resize/normalise costs ~20 ms of CPU, more than the
+    H100 spends answering it. Pass one cache to several ``generate_answers`` calls (with the rows'
+    ``image_keys``) to pay that once per image. Entries are kept per (key, dtype) in the dtype the
+    model takes them in: bf16 halves the memory (~4.8 MB per 896 px image, the Kvasir test split's
+    ~1,300 images ~6 GB of host memory) and casting at store time gives the very values the cast
+    before the forward would (round-to-nearest either way).
+
+    The caller vouches that equal keys mean equal images (e.g. the dataset's ``img_id``).
     """
 
-    def __init__(self, processor, texts, images, threads: int | None = None):
+    def __init__(self):
+        self.pixels: dict[tuple, torch.Tensor] = {}
+        self.computed = 0   # images that went through the processor
+        self.reused = 0     # rows that found their image already made (or being made)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.pixels.values())
+
+
+class BatchEncoder:
+    """Model inputs for generation batches on CPU threads, a batch ahead of the GPU.
+
+    Without ``image_keys`` every row is one processor call: at 896 px a row costs ~20 ms of CPU
+    (PNG decode, resize/normalise, tokenize), 192 rows ~4 s, more than the H100 needs to answer them
+    (benchmarks/: generation was CPU-bound at 25 examples/s). Each batch is split into one chunk per
+    thread and the chunks are padded on the left to the batch's longest row, which is exactly what
+    one processor call on the whole batch returns.
+
+    With ``image_keys`` (one hashable per row; equal keys = the same image) each distinct image
+    goes through the processor once into ``pixel_cache`` (an ``ImagePixelCache`` the caller may
+    share across calls), and a batch costs only the tokenization of its prompts with the image
+    placeholder expanded as Gemma3Processor expands it. The result equals the processor's on
+    the whole batch, key by key (tests/test_speed.py).
+
+    Threads each borrow their own copy of the processor (a fast tokenizer is not safe to share
+    across threads: padding settings are set on it per call). Pillow's decoders, the image
+    processor's numpy work and the tokenizers release the GIL.
+    """
+
+    def __init__(self, processor, texts, images, threads: int | None = None, *,
+                 image_keys=None, pixel_cache: ImagePixelCache | None = None,
+                 pixel_dtype: torch.dtype | None = None):
         import copy
         import os
+        import queue
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
+        if image_keys is not None and len(image_keys) != len(texts):
+            raise ValueError(f"{len(image_keys)} image keys for {len(texts)} prompts")
         self.texts, self.images = texts, images
+        self.image_keys = image_keys
+        self.pixel_cache = pixel_cache if pixel_cache is not None or image_keys is None else ImagePixelCache()
+        self.pixel_dtype = pixel_dtype
         # At most 8 threads and one per core; a one-row call (vqatune ask) copies the processor once.
         self.threads = max(1, min(threads or 8, 8, os.cpu_count() or 1))
         # Copies taken now carry the caller's padding side (left for generation).
-        self.processors = [copy.deepcopy(processor) for _ in range(self.threads)]
+        self.processors: queue.Queue = queue.Queue()
+        for _ in range(self.threads):
+            self.processors.put(copy.deepcopy(processor))
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.padding_side = processor.tokenizer.padding_side
+        if image_keys is not None:
+            self._check_fast_encoding(processor)
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
+        self._in_flight: dict = {}   # cache key -> Future of its pixel_values, made by this encoder
+        self.encode_seconds = 0.0    # seconds the threads spent encoding (all threads summed)
+        self._lock = threading.Lock()
 
+    # Processor copies -------------------------------------------------------
+    def _run(self, work, *args):
+        # At most `threads` jobs run at once and there are as many copies: a borrow never waits.
+        processor = self.processors.get()
+        start = time.perf_counter()
+        try:
+            return work(processor, *args)
+        finally:
+            with self._lock:
+                self.encode_seconds += time.perf_counter() - start
+            self.processors.put(processor)
+
+    # Whole-processor path ---------------------------------------------------
     def _encode(self, processor, rows):
         # The chat template already starts with <bos>; the tokenizer must not add another.
         return processor(text=[self.texts[i] for i in rows], images=[[self.images[i]] for i in rows],
@@ -256,16 +322,12 @@ class BatchEncoder:
 
     def submit(self, rows):
         """Start encoding ``rows``; call ``.result()`` on the return value for the batch."""
+        if self.image_keys is not None:
+            return self._submit_with_keys(rows)
         size = -(-len(rows) // self.threads)
         chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-        futures = [self.pool.submit(self._encode, proc, chunk) for proc, chunk in zip(self.processors, chunks)]
-        encoder = self
-
-        class _Pending:
-            def result(self):
-                return encoder._merge([f.result() for f in futures])
-
-        return _Pending()
+        futures = [self.pool.submit(self._run, self._encode, chunk) for chunk in chunks]
+        return _Pending(lambda: self._merge([f.result() for f in futures]))
 
     def _merge(self, parts):
         if len(parts) == 1:
@@ -281,5 +343,94 @@ class BatchEncoder:
             merged[key] = torch.cat(tensors)
         return merged
 
+    # Per-image path ---------------------------------------------------------
+    def _check_fast_encoding(self, processor) -> None:
+        self.image_placeholder = getattr(processor, "boi_token", None)
+        self.image_sequence = getattr(processor, "full_image_sequence", None)
+        if self.image_placeholder is None or self.image_sequence is None:
+            raise ValueError(f"image_keys needs a Gemma 3 processor (boi_token, full_image_sequence); "
+                             f"got {type(processor).__name__}: generate without image_keys")
+        for i, text in enumerate(self.texts):
+            if text.count(self.image_placeholder) != 1:
+                raise ValueError(f"prompt {i} holds {text.count(self.image_placeholder)} image placeholders "
+                                 f"({self.image_placeholder}); image_keys needs exactly one per prompt")
+
+    def _pixels(self, processor, rows):
+        # The whole processor on the images alone: its image kwargs (Gemma3ProcessorKwargs' defaults
+        # over the image processor's config), so the pixels are the ones a full call makes.
+        out = processor(images=[[self.images[i]] for i in rows], return_tensors="pt")
+        pixels = out["pixel_values"]
+        if pixels.shape[0] != len(rows):
+            # Pan-and-scan crops change the placeholder text per image; the processor handles them.
+            raise ValueError(f"the processor made {pixels.shape[0]} crops for {len(rows)} images "
+                             "(do_pan_and_scan on?); generate without image_keys")
+        if self.pixel_dtype is not None:
+            pixels = pixels.to(self.pixel_dtype)
+        return list(pixels.unsqueeze(1))
+
+    def _text(self, processor, rows):
+        # Gemma3Processor replaces the one <start_of_image> by full_image_sequence (which starts
+        # with "\n\n<start_of_image>", then the image tokens) and tokenizes; called on text alone
+        # it finds no image to expand, tokenizes the same string the same way and still adds
+        # token_type_ids. Lists, not tensors: its token-count check is slow on tensors.
+        texts = [self.texts[i].replace(self.image_placeholder, self.image_sequence) for i in rows]
+        out = processor(text=texts, padding=True, add_special_tokens=False)
+        return {key: torch.tensor(value) for key, value in out.items()}
+
+    def _submit_with_keys(self, rows):
+        cache = self.pixel_cache
+        dtype = self.pixel_dtype
+        sources, new = [], {}
+        for i in rows:
+            key = (self.image_keys[i], dtype)
+            if key in cache.pixels:
+                sources.append(cache.pixels[key])
+                cache.reused += 1
+            elif key in self._in_flight or key in new:
+                sources.append(key)
+                cache.reused += 1
+            else:
+                new[key] = i
+                sources.append(key)
+        if new:
+            keys, firsts = list(new), list(new.values())
+            size = -(-len(keys) // self.threads)
+            for start in range(0, len(keys), size):
+                future = self.pool.submit(self._run, self._pixels, firsts[start:start + size])
+                for n, key in enumerate(keys[start:start + size]):
+                    self._in_flight[key] = (future, n)
+            cache.computed += len(keys)
+        parts = [s if isinstance(s, torch.Tensor) else self._in_flight[s] for s in sources]
+        text = self.pool.submit(self._run, self._text, rows)
+
+        def assemble():
+            # Runs on a pool thread queued after every pixel job it waits for: no deadlock, and
+            # the ~1 GB concatenation of a 192-row 896 px batch stays off the main thread.
+            pixels = [p if isinstance(p, torch.Tensor) else p[0].result()[p[1]] for p in parts]
+            inputs = text.result()
+            inputs["pixel_values"] = torch.cat(pixels)
+            return inputs
+
+        batch = self.pool.submit(assemble)
+
+        def result():
+            inputs = batch.result()
+            # The main thread alone moves finished pixels into the shared cache.
+            for key in [k for k in sources if not isinstance(k, torch.Tensor)]:
+                if key in self._in_flight:
+                    future, n = self._in_flight.pop(key)
+                    cache.pixels[key] = future.result()[n]
+            return inputs
+
+        return _Pending(result)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Pending:
+    def __init__(self, result):
+        self._result = result
+
+    def result(self):
+        return self._result()
