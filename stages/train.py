@@ -4,6 +4,10 @@
         --best-params models/best_params.json --out models/adapter --metrics metrics/train.json \
         --plots metrics/train_curves --checkpoints models/train_checkpoints [--params params.yaml] [--fresh]
 
+On several GPUs (`train.num_processes`, or VQATUNE_NUM_PROCESSES; `auto` = all of them) the
+script starts itself again under `accelerate launch --config_file configs/accelerate/ddp.yaml`
+(DDP, same global batch) and only the main process writes outputs.
+
 Hyperparameters: `train:` in params.yaml, overridden by the search stage's best_params.json when
 it searched. A killed run resumes from its last checkpoint in --checkpoints when run again
 (--fresh starts over). Ctrl-C saves the adapter so far to `<out>.partial/` and exits 130, so DVC
@@ -14,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
+from vqatune import distributed
 from vqatune.config import ConfigError, ModelConfig, as_dict, load_params, section
 from vqatune.model_card import model_card
 from vqatune.provenance import environment
@@ -26,9 +33,24 @@ from vqatune.training import (TrainConfig, TrainingInterrupted, apply_overrides,
                               run_training, write_curves)
 
 
+ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
+
+
 def _raise_interrupt(signum, frame):
     # DVC and schedulers stop a stage with SIGTERM: treat it like Ctrl-C (save partial, exit non-zero).
     raise KeyboardInterrupt
+
+
+def _run_launcher(command: list[str], env: dict) -> int:
+    """Run the launcher; Ctrl-C or SIGTERM here reaches every training process as SIGTERM, which
+    each turns into its interrupt path (the main one saves the partial adapter)."""
+    launcher = subprocess.Popen(command, env=env)
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait()
+        return 130
 
 
 def _write_card(adapter_dir: Path, model_cfg, train_cfg, metrics, source, partial) -> None:
@@ -64,8 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     out, tmp, partial_dir = Path(args.out), Path(f"{args.out}.tmp"), Path(f"{args.out}.partial")
-    for stale in (tmp, partial_dir):
-        shutil.rmtree(stale, ignore_errors=True)
+    if not distributed.in_launch():
+        for stale in (tmp, partial_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            processes = distributed.resolve_num_processes(train_cfg.num_processes)
+        except ConfigError as err:
+            print(f"train: {err}", file=sys.stderr)
+            return 2
+        if processes > 1:
+            # One command for DVC: this script again, once per GPU, under accelerate's launcher.
+            command = distributed.launch_command(Path(__file__), argv if argv is not None else sys.argv[1:],
+                                                 processes, config_file=ACCELERATE_CONFIG)
+            logging.getLogger("train").info("data-parallel on %d processes: %s", processes, " ".join(command))
+            env = {**os.environ, distributed.ENV_NUM_PROCESSES: str(processes)}
+            return _run_launcher(command, env)
     try:
         result = run_training(train_cfg, args.model, args.data, tmp, checkpoint_dir=args.checkpoints,
                               resume=not args.fresh, trust_remote_code=model_cfg.trust_remote_code)
@@ -73,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
+        if not distributed.is_main_process():
+            return 130
         metrics = {**stop.result.metrics(), "hyperparameter_source": source}
         _write_card(tmp, model_cfg, train_cfg, metrics, source, partial=True)
         tmp.rename(partial_dir)
@@ -80,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
               f"Run the stage again to resume from {stop.result.checkpoint_dir}.", file=sys.stderr)
         return 130
 
+    if not distributed.is_main_process():
+        return 0  # the main process writes the adapter, curves, card and metrics
     metrics = {**result.metrics(), "hyperparameter_source": source, "hyperparameters": overrides,
                "model_id": model_cfg.id}
     _write_card(tmp, model_cfg, train_cfg, metrics, source, partial=False)

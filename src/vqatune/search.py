@@ -458,7 +458,9 @@ def study_name_for(cfg: TuneConfig, train_cfg, model_dir, processed_dir) -> str:
     fixed = {key: spec.choices[0] if spec.kind == "categorical" else (int(spec.low) if spec.kind == "int" else spec.low)
              for key, spec in cfg.search_space.items()}
     key_cfg = apply_overrides(train_cfg, {**trial_budget(cfg), **fixed})
-    inputs = {"train": as_dict(key_cfg), "model": folder_signature(model_dir),
+    # Trials train on one process each, whatever train.num_processes says for the train stage.
+    train_key = {k: v for k, v in as_dict(key_cfg).items() if k != "num_processes"}
+    inputs = {"train": train_key, "model": folder_signature(model_dir),
               "data": folder_signature(processed_dir)}
     return f"{cfg.study_name}-{study_key(cfg, json.dumps(inputs, sort_keys=True, default=str))}"
 

@@ -18,8 +18,9 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
+from . import distributed
 from .config import ConfigError, as_dict, build, require
 from .model import LoraSettings
 
@@ -90,6 +91,10 @@ class TrainConfig:
     # worker threads spin against other processes (2 threads on a busy 2-core box ran ~10x
     # slower). null = torch's default. No effect on GPU runs.
     cpu_threads: Optional[int] = 1
+    # Data-parallel processes (one per GPU, DDP through `accelerate launch`; vqatune.distributed).
+    # auto = every visible GPU. The environment's VQATUNE_NUM_PROCESSES wins. batch_size x
+    # gradient_accumulation_steps stays the global batch: each process takes its share.
+    num_processes: Union[int, str] = 1
 
     def validate(self, p: str) -> None:
         from transformers.training_args import OptimizerNames
@@ -112,6 +117,8 @@ class TrainConfig:
         require(self.dataloader_num_workers >= 0, f"{p}.dataloader_num_workers", "must be >= 0")
         require(self.cpu_threads is None or self.cpu_threads >= 1, f"{p}.cpu_threads",
                 "must be null (torch's default) or a positive integer")
+        require(self.num_processes == "auto" or (isinstance(self.num_processes, int) and self.num_processes >= 1),
+                f"{p}.num_processes", "must be a positive integer or 'auto' (one process per GPU)")
         names = [o.value for o in OptimizerNames]
         require(self.optimizer in names, f"{p}.optimizer", "must be a transformers optimizer name "
                 "(transformers.training_args.OptimizerNames), e.g. adamw_torch, paged_adamw_8bit, adafactor")
@@ -234,8 +241,9 @@ def _files_signature(folder: Path, content_suffixes: tuple[str, ...]) -> str:
 
 def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) -> str:
     """Everything that determines the trained weights: a checkpoint of another key is never resumed."""
+    # The processes actually running, not the param: VQATUNE_NUM_PROCESSES can override it.
     ident = {
-        "train": as_dict(train_cfg),
+        "train": {**as_dict(train_cfg), "num_processes": distributed.world_size()},
         "model": _files_signature(Path(model_dir), (".json",)),
         "data": _files_signature(Path(processed_dir), (".json",)),
         "max_train_rows": max_train_rows,
@@ -272,6 +280,9 @@ def _resolved_precision(cfg: TrainConfig, device: str) -> tuple[str, str]:
 def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_start: bool, device: str):
     from trl import SFTConfig
 
+    processes = distributed.world_size()
+    batch, accumulation = distributed.split_global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                                         processes)
     return SFTConfig(
         output_dir=str(run_dir),
         num_train_epochs=cfg.epochs,
@@ -279,9 +290,9 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=max(1, -(-cfg.eval_batch_size // processes)),
+        gradient_accumulation_steps=accumulation,
         max_grad_norm=cfg.max_grad_norm,
         weight_decay=cfg.weight_decay,
         optim=cfg.optimizer,
@@ -307,6 +318,11 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         max_length=None,
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=device.startswith("cuda"),
+        # Several CPU processes (tests, GPU-less machines) talk over gloo: accelerate's multi-CPU
+        # mode needs use_cpu. Every trainable weight gets a gradient each step (the image-feature
+        # cache refuses adapters on the vision tower), so DDP skips its search for unused ones.
+        use_cpu=not device.startswith("cuda"),
+        ddp_find_unused_parameters=False,
         report_to="none",
         disable_tqdm=False,
     )
@@ -338,7 +354,9 @@ def run_training(train_cfg: TrainConfig, model_dir: str | Path, processed_dir: s
 
     from .model import resolve_device
 
-    device = resolve_device(device)
+    device = distributed.process_device(resolve_device(device))
+    if distributed.in_launch():
+        distributed.start(cpu=not device.startswith("cuda"))
     compute_dtype, precision = _resolved_precision(train_cfg, device)
     threads = torch.get_num_threads()
     if not device.startswith("cuda") and train_cfg.cpu_threads:
@@ -360,7 +378,6 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     from .collate import AnswerOnlyCollator
     from .model import (attach_lora, free_model, load_base_model, load_processor,
                         prepare_for_kbit_training, trainable_parameters)
-    from .provenance import device_name
     from .speed import maybe_install_image_feature_cache
 
     set_seed(train_cfg.seed)
@@ -378,12 +395,16 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
 
     # Checkpoints
     run_dir = Path(checkpoint_dir) / run_key(train_cfg, model_dir, processed_dir, max_train_rows)
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps(
-        {"train": as_dict(train_cfg), "model_dir": str(model_dir), "processed_dir": str(processed_dir),
-         "max_train_rows": max_train_rows}, indent=2, default=str) + "\n")
+    main = distributed.is_main_process()
+    if main:
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps(
+            {"train": as_dict(train_cfg), "model_dir": str(model_dir), "processed_dir": str(processed_dir),
+             "max_train_rows": max_train_rows, "processes": distributed.world_size()},
+            indent=2, default=str) + "\n")
+    distributed.barrier()
     checkpoint = last_complete_checkpoint(run_dir) if resume else None
     resumed_from = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
     if checkpoint:
@@ -457,7 +478,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
         trainable_params=trainable,
         total_params=total,
         trainable_share=round(trainable / max(total, 1), 6),
-        device=device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        device=_device_label(device),
         quantization=train_cfg.quantization,
         compute_dtype=compute_dtype,
         precision=precision,
@@ -467,13 +488,24 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
         checkpoint_dir=str(run_dir),
         log_history=history,
     )
-    if output_dir is not None:
+    if output_dir is not None and main:
         save_adapter(trainer.model, processor, output_dir, partial=interrupted)
+    distributed.barrier()
     free_model(trainer, model)
     del trainer, model
     if interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _device_label(device: str) -> str:
+    import torch
+
+    from .provenance import device_name
+
+    label = device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    processes = distributed.world_size()
+    return f"{processes} x {label} (DDP)" if processes > 1 else label
 
 
 def save_adapter(model, processor, output_dir: str | Path, partial: bool = False) -> Path:

@@ -1,0 +1,114 @@
+"""Data-parallel training through ``accelerate launch`` (DDP): who launches, who writes, who waits.
+
+The train stage is one command for DVC whatever the number of GPUs: when more than one process
+is asked for (``train.num_processes`` or ``VQATUNE_NUM_PROCESSES``), the stage script starts
+itself again under ``accelerate launch`` with the committed config ``configs/accelerate/ddp.yaml``
+and waits. Each process then loads the model on its own GPU (QLoRA included), the Trainer wraps
+it in DDP, and only the main process writes the adapter, the metrics, the curves and the card.
+
+The global batch stays what params.yaml says (``batch_size`` x ``gradient_accumulation_steps``,
+the one-GPU run), so two GPUs train the same examples per optimizer step as one: each process
+takes ``batch_size / N`` rows, and accelerate hands the processes consecutive slices of the
+same shuffled order, which together are the one-GPU batch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence, Union
+
+from .config import ConfigError
+
+ENV_NUM_PROCESSES = "VQATUNE_NUM_PROCESSES"
+# The committed launch config, relative to the repository root (stages/train.py passes its path).
+DEFAULT_ACCELERATE_CONFIG = Path("configs/accelerate/ddp.yaml")
+
+
+def world_size() -> int:
+    """Processes in this run: torchrun / accelerate launch set WORLD_SIZE; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def in_launch() -> bool:
+    """True inside a process started by ``accelerate launch`` / torchrun."""
+    return "LOCAL_RANK" in os.environ and world_size() > 1
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_device(device: str) -> str:
+    """This process's device: under a multi-GPU launch each process takes GPU ``LOCAL_RANK``."""
+    if in_launch() and device == "cuda":
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def resolve_num_processes(configured: Union[int, str], environ=os.environ) -> int:
+    """Processes to train with: ``VQATUNE_NUM_PROCESSES`` if set, else the param.
+
+    ``auto`` means one per visible GPU (1 on a machine without one).
+    """
+    value = environ.get(ENV_NUM_PROCESSES, configured)
+    source = ENV_NUM_PROCESSES if ENV_NUM_PROCESSES in environ else "train.num_processes"
+    if str(value).strip().lower() == "auto":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {value!r} is not a positive integer or 'auto'") from None
+    if n < 1:
+        raise ConfigError(f"{source}: {n} must be at least 1 (or 'auto': one per GPU)")
+    return n
+
+
+def split_global_batch(batch_size: int, accumulation: int, processes: int) -> tuple[int, int]:
+    """(per-process batch, accumulation steps) that keep the global batch ``batch_size x accumulation``.
+
+    The per-process batch shrinks first (same number of optimizer steps, less memory per GPU);
+    when ``batch_size`` does not split evenly, the accumulation steps do.
+    """
+    if processes == 1:
+        return batch_size, accumulation
+    if batch_size % processes == 0:
+        return batch_size // processes, accumulation
+    if accumulation % processes == 0:
+        return batch_size, accumulation // processes
+    raise ConfigError(
+        f"train.batch_size: {batch_size} x gradient_accumulation_steps {accumulation} cannot be split "
+        f"evenly over {processes} processes; make batch_size or gradient_accumulation_steps a multiple "
+        f"of {processes}")
+
+
+def launch_command(script: str | Path, argv: Sequence[str], processes: int, *,
+                   config_file: str | Path = DEFAULT_ACCELERATE_CONFIG) -> list[str]:
+    """``accelerate launch`` of ``script argv`` on ``processes`` processes (an argument list).
+
+    The same command runs on CPUs: torch.distributed.run starts the processes without a GPU and
+    each one joins a gloo group (``start`` with ``cpu=True``), which is how the tests run it.
+    """
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "--num_processes", str(processes), str(script), *argv]
+
+
+def start(cpu: bool):
+    """Join this launch's process group before anything else does, on gloo when ``cpu``.
+
+    accelerate keeps one process state per process, made by whoever asks first; the Trainer asks
+    with ``use_cpu``, so a CPU run must create it the same way before any barrier.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu)
+
+
+def barrier() -> None:
+    """Wait for every process (no-op outside a launch)."""
+    if in_launch():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
