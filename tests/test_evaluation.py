@@ -87,6 +87,13 @@ def test_eval_json_has_the_promised_shape(stage_run):
             assert leaf["examples_per_s"] > 0 and leaf["peak_memory_gib"] > 0
     assert leaf_keys <= set(scores["majority"]) and scores["majority"]["n"] == SUBSET
     assert scores["generation"]["test_rows"] == SUBSET
+    # Each test image's pixels were made once for all six configurations; the rest reused them.
+    timing = scores["generation"]["timing"]
+    distinct = len({r["img_id"] for r in _predictions(out, "base_none")})
+    assert distinct < SUBSET, "the subset must repeat an image for the reuse to show"
+    assert timing["rows"] == 6 * SUBSET and timing["images_processed"] == distinct
+    assert timing["images_reused"] == 6 * SUBSET - distinct
+    assert timing["generate_s"] > 0 and timing["total_s"] >= timing["generate_s"]
 
     by_category = json.loads((out / "eval_by_category.json").read_text())
     for model in ("base", "tuned"):
@@ -167,6 +174,7 @@ def test_prompt_messages_drop_the_answer_turn():
     ({"batch_size": 0}, "evaluate.batch_size"),
     ({"quantization": "2bit"}, "evaluate.quantization"),
     ({"max_new_token": 25}, "evaluate.max_new_token"),
+    ({"cache_implementation": "hybrid"}, "evaluate.cache_implementation"),
 ])
 def test_bad_params_stop_with_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -54,6 +54,12 @@ class EvaluateConfig:
     # (~5.5 TFLOP per 896 px image on MedGemma); off automatically when the adapter reaches the
     # vision tower or projector (base and tuned features would differ). vqatune.speed.
     cache_image_features: bool = True
+    # KV cache of generate: dynamic (transformers' default, grows per token) or static
+    # (preallocated per batch). On CUDA, transformers 5.x compiles the decoding step whenever the
+    # cache is static (torch.compile, mode reduce-overhead = CUDA graphs; prefill stays eager):
+    # the first batches pay the compilation, and each new batch shape (the last, smaller batch)
+    # or cache length recompiles. CPU: no compilation, same answers (tests/test_generation.py).
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
     # null: cuda when there is one, else cpu.
     device: Optional[str] = None
     # Torch threads on CPU. 1 suits the tiny model: its ops are too small to split, and idle
@@ -185,7 +191,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     from datasets import load_from_disk
 
     from .provenance import device_name
-    from .speed import maybe_install_image_feature_cache
+    from .speed import ImagePixelCache, maybe_install_image_feature_cache
 
     # Data
     splits = load_from_disk(str(data_dir))
@@ -195,6 +201,8 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     rows = evaluation_rows(splits["test"], cfg.subset_size, cfg.seed)
     test = splits["test"].select(rows)
     references, questions = test["answer"], test["question"]
+    # Each image's pixels are made once for all its questions and all six configurations.
+    image_keys, pixel_cache = test["img_id"], ImagePixelCache()
     categories = test["category"]
     images = _LazyImages(test)
     log.info("evaluating %d of %d test rows", len(test), len(splits["test"]))
@@ -213,6 +221,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     by_category: dict = {m: {} for m in MODELS}
     predictions: dict[str, list[dict]] = {}
     total_seconds, total_examples = 0.0, 0
+    timing: dict = {}
 
     def record(name: str, answers: list[str]) -> list[dict]:
         per_row = score_answers(answers, references, bertscore)
@@ -233,7 +242,9 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
             with adapter:
                 answers = generate_answers(model, processor, messages, images,
                                            batch_size=cfg.batch_size,
-                                           max_new_tokens=cfg.max_new_tokens, progress=progress)
+                                           max_new_tokens=cfg.max_new_tokens, progress=progress,
+                                           image_keys=image_keys, pixel_cache=pixel_cache,
+                                           cache_implementation=cfg.cache_implementation, stats=timing)
             seconds = time.perf_counter() - start
             total_seconds += seconds
             total_examples += len(answers)
@@ -262,6 +273,9 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
         "examples_per_s": round(total_examples / total_seconds, 3) if total_seconds else None,
         "peak_memory_gib": round(peak, 3), "memory_measure": measure,
         "test_rows": len(test), "test_rows_total": len(splits["test"]),
+        "cache_implementation": cfg.cache_implementation,
+        # Where the generation time went, summed over the six configurations (generate_answers).
+        "timing": {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()},
     }
     return EvaluationReport(scores=scores, by_category=by_category, predictions=predictions)
 
