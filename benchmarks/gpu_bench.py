@@ -374,11 +374,13 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
 
 def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     """The evaluate stage's generation: base loaded once (bf16), adapter on/off, image features
-    cached, generate_answers over the six configurations; then batched vs one-at-a-time."""
+    cached, each image's pixels made once (img_id keys, one pixel cache for the six
+    configurations), generate_answers over the six configurations; then batched vs one-at-a-time
+    (without image keys: the parity check also compares the two encodings)."""
     from vqatune.evaluation import EvaluateConfig, load_tuned_model
     from vqatune.generation import generate_answers
     from vqatune.prompts import PROMPT_MODES
-    from vqatune.speed import maybe_install_image_feature_cache
+    from vqatune.speed import ImagePixelCache, maybe_install_image_feature_cache
 
     cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
                          device=DEV.type, max_new_tokens=scale.new_tokens)
@@ -389,6 +391,7 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
                      max_new_tokens=2)  # warm-up (not timed)
     answers, seconds = {}, 0.0
+    image_keys, pixel_cache, timing = test["img_id"], ImagePixelCache(), {}
     for mode in PROMPT_MODES:
         for tuned in (False, True):
             ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
@@ -397,14 +400,21 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
             with ctx:
                 answers[(mode, tuned)] = generate_answers(model, processor, messages[mode], images,
                                                           batch_size=cfg.batch_size,
-                                                          max_new_tokens=cfg.max_new_tokens)
+                                                          max_new_tokens=cfg.max_new_tokens,
+                                                          image_keys=image_keys, pixel_cache=pixel_cache,
+                                                          cache_implementation=cfg.cache_implementation,
+                                                          stats=timing)
             DEV.sync()
             seconds += time.perf_counter() - t
     n = sum(len(a) for a in answers.values())
     tok = processor.tokenizer
     gen = {"examples_per_s": n / seconds, "examples": n, "configurations": 6, "batch": cfg.batch_size,
            "peak_gib": DEV.peak_gib(),
-           "vision_forwards": cache.misses if cache else None, "cache_hits": cache.hits if cache else None}
+           "vision_forwards": cache.misses if cache else None, "cache_hits": cache.hits if cache else None,
+           "cache_implementation": cfg.cache_implementation,
+           # seconds over the six configurations: waiting for CPU-encoded inputs, host->device,
+           # model.generate (synchronised), decoding; images processed once vs rows reusing them
+           "timing": timing, "pixel_cache_gib": pixel_cache.memory_bytes() / 2**30}
 
     # Parity: the same model one row at a time (tuned and base, prompt mode none).
     k = min(scale.parity_rows // 2, len(test))

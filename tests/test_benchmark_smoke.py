@@ -30,6 +30,11 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert ev["project"]["examples"] == 6 * gpu_bench.TINY.gen_rows
     # each distinct test image went through the vision tower once, for all six configurations
     assert ev["project"]["vision_forwards"] < ev["project"]["examples"] / 6
+    # ... and through the processor once: the other rows and configurations reused its pixels
+    timing = ev["project"]["timing"]
+    assert timing["images_processed"] == ev["project"]["vision_forwards"]
+    assert timing["images_processed"] + timing["images_reused"] == ev["project"]["examples"]
+    assert timing["generate_s"] > 0
     # parity: the same batches give the same curve within reseeding noise (fp32 on CPU: equal),
     # and batched answers equal one-at-a-time answers
     parity = results["parity"]
