@@ -16,6 +16,7 @@ from pathlib import Path
 from vqatune.config import ConfigError, ModelConfig, load_params, section
 from vqatune.evaluation import EvaluateConfig, evaluate_models, write_predictions
 from vqatune.plots import plot_by_category, plot_configurations, write_plot_data
+from vqatune.provenance import record
 
 
 def write_json(data: dict, path: Path) -> None:
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     plot_configurations(report.scores, plots / "configurations.png")
     plot_by_category(report.by_category, plots / "by_category.png")
     write_json(report.by_category, Path(args.by_category))
-    write_json(report.scores, Path(args.metrics))
+    provenance = record(params={"evaluate": cfg, "model.trust_remote_code": trust},
+                        inputs=[args.base, args.adapter, args.data])
+    write_json({**report.scores, "provenance": provenance}, Path(args.metrics))
 
     s, gen = report.scores, report.scores["generation"]
     print("evaluate: exact match  " + "  ".join(

@@ -21,7 +21,7 @@ from vqatune.config import ConfigError, load_params, section
 from vqatune.export.converter import ConverterError
 from vqatune.export.gguf import ExportConfig, ExportError, export_gguf
 from vqatune.prompts import PromptsConfig
-from vqatune.provenance import environment
+from vqatune.provenance import record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: {err}", file=sys.stderr)
         return 2
     stats["seconds"] = round(time.perf_counter() - start, 1)
-    stats["environment"] = environment()
+    stats["provenance"] = record(params={"export": cfg, "prompts.static": prompts.static}, inputs=[args.merged])
     metrics = Path(args.metrics)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(stats, indent=2) + "\n")

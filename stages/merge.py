@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
 from vqatune.export.merge import MergeConfig, MergeError, merge_adapter
-from vqatune.provenance import environment
+from vqatune.provenance import record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merge: {err}", file=sys.stderr)
         return 2
     stats["seconds"] = round(time.perf_counter() - start, 1)
-    stats["environment"] = environment()
+    stats["provenance"] = record(params={"merge": cfg, "model.trust_remote_code": trust},
+                                 inputs=[args.base, args.adapter])
     metrics = Path(args.metrics)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(stats, indent=2) + "\n")

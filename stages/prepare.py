@@ -14,6 +14,7 @@ from pathlib import Path
 from vqatune.config import ConfigError, ModelConfig, PrepareConfig, load_params, section
 from vqatune.data.prepare import prepare_dataset
 from vqatune.prompts import PromptsConfig
+from vqatune.provenance import record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = section(params, "prompts", PromptsConfig)
         trust = section(params, "model", ModelConfig).trust_remote_code
         stats = prepare_dataset(cfg, prompts, args.out, trust_remote_code=trust)
+        stats["provenance"] = record(params={"prepare": cfg, "prompts": prompts, "model.trust_remote_code": trust},
+                                     outputs=[args.out])
     except ConfigError as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from pathlib import Path
 from vqatune import distributed
 from vqatune.config import ConfigError, ModelConfig, as_dict, load_params, section
 from vqatune.model_card import model_card
-from vqatune.provenance import environment
+from vqatune.provenance import environment, record
 from vqatune.training import (TrainConfig, TrainingInterrupted, apply_overrides, load_hyperparameters,
                               run_training, write_curves)
 
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if not distributed.is_main_process():
         return 0  # the main process writes the adapter, curves, card and metrics
     metrics = {**result.metrics(), "hyperparameter_source": source, "hyperparameters": overrides,
-               "model_id": model_cfg.id}
+               "model_id": model_cfg.id,
+               "provenance": record(params={"train": train_cfg, "model.id": model_cfg.id,
+                                            "model.trust_remote_code": model_cfg.trust_remote_code},
+                                    inputs=[args.model, args.data, args.best_params])}
     _write_card(tmp, model_cfg, train_cfg, metrics, source, partial=False)
     write_curves(result.log_history, args.plots)
     shutil.rmtree(out, ignore_errors=True)

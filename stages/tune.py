@@ -21,6 +21,7 @@ import sys
 import time
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
+from vqatune.provenance import record
 from vqatune.search import SearchError, TuneConfig, trial_counts, tune
 from vqatune.search_report import (best_params_record, disabled_outputs, search_metrics, write_json,
                                    write_plots)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.enabled:
             best, metrics = disabled_outputs()
             write_json(args.best_params, best)
-            write_json(args.metrics, metrics)
+            write_json(args.metrics, {**metrics, "provenance": record(params={"tune": cfg})})
             write_plots(None, args.plots, objective=cfg.objective)
             print("tune: disabled (tune.enabled: false); training uses train: as it is")
             return 0
@@ -81,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
     best = best_params_record(study)
     write_json(args.best_params, best)
-    write_json(args.metrics, search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage))
+    provenance = record(params={"tune": cfg, "train": train_cfg, "model.trust_remote_code": trust},
+                        inputs=[args.model, args.data])
+    write_json(args.metrics, {**search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage),
+                              "provenance": provenance})
     write_plots(study, args.plots, objective=cfg.objective, seed=cfg.seed)
     print(f"tune: study {study.study_name}: {summary}; best {cfg.objective} {best['best_value']:.4f} "
           f"(trial {best['trial']}): {best['params']}")

@@ -10,6 +10,10 @@ from typing import Any
 
 import yaml
 
+# Speed and memory describe the run, not the adapter (metrics/train.json keeps them): left out,
+# the card, and so the adapter folder's hash, is the same for every rerun on the same inputs.
+RUN_ONLY_METRICS = ("seconds", "examples_per_s", "peak_memory_gib")
+
 
 def model_card(*, base_model: str, dataset: str, train_params: dict[str, Any], metrics: dict[str, Any],
                environment: dict[str, str], hyperparameter_source: str, partial: bool = False) -> str:
@@ -45,11 +49,20 @@ def model_card(*, base_model: str, dataset: str, train_params: dict[str, Any], m
         "```json", json.dumps(train_params, indent=2, default=str), "```", "",
         "## Metrics", "",
         "| metric | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, (dict, list))],
+        *[f"| {k} | {v} |" for k, v in metrics.items()
+          if not isinstance(v, (dict, list)) and k not in RUN_ONLY_METRICS],
         "",
+        *_inputs_section(metrics.get("provenance", {}).get("inputs", {})),
         "## Environment", "",
         "| library | version |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in environment.items()],
         "",
     ]
     return "\n".join(lines)
+
+
+def _inputs_section(fingerprints: dict[str, str]) -> list[str]:
+    if not fingerprints:
+        return []
+    return ["## Inputs (content fingerprints, `vqatune.provenance.fingerprint`)", "",
+            "| input | sha256[:16] |", "|---|---|", *[f"| `{k}` | {v} |" for k, v in fingerprints.items()], ""]
