@@ -39,6 +39,15 @@ def _owner() -> dict:
             "started": psutil.Process().create_time()}
 
 
+def _device() -> str:
+    """Where this worker trains: its GPU (and the CUDA_VISIBLE_DEVICES that pinned it) or the CPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+        return f"{torch.cuda.get_device_name(0)} (CUDA_VISIBLE_DEVICES={visible})"
+    return "cpu"
+
+
 def _owner_alive(owner: dict) -> bool:
     import psutil
 
@@ -149,6 +158,7 @@ def _claimed(objective: Callable, target: int) -> Callable:
 
     def run(trial):
         trial.set_user_attr("worker", _owner())
+        trial.set_user_attr("device", _device())
         ahead = sum(1 for t in trial.study.get_trials(deepcopy=False, states=_live_states())
                     if t.number < trial.number)
         if ahead >= target:

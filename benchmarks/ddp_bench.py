@@ -1,0 +1,258 @@
+"""Scale out on one machine: DDP training on 1 vs N GPUs, and search workers pinned one per GPU.
+
+Same world as benchmarks/gpu_bench.py (random-weight MedGemma-4B, Kvasir-like QA at 896 px), same
+training set-up as its project run (nf4 QLoRA, sdpa, checkpointing, image cache, LoRA on the
+MLP), through the train stage's own code: ``vqatune.training.run_training`` started by
+``accelerate launch`` with the committed configs/accelerate/ddp.yaml, at the same global batch
+and seed on 1 and on N processes. LoRA dropout is off so the two curves differ only by the order
+of the gradient sums (all-reduce vs one backward); the CPU test tests/test_distributed.py shows
+that difference is ~1e-7 in fp32.
+
+Then the search: N ``stages/tune.py`` workers, each pinned to its GPU with CUDA_VISIBLE_DEVICES,
+share one SQLite study until it has ``n_trials`` trials; each trial records its worker's GPU.
+
+    source benchmarks/device_setup.sh && python benchmarks/ddp_bench.py --out $OUT --gpus 2
+
+Writes ``ddp_bench.json`` and ``ddp_bench.md``. ``--plot results.json`` draws the two loss
+curves to a PNG (run where matplotlib is installed). ``--tiny`` runs it all on CPU processes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+log = logging.getLogger("ddp_bench")
+
+TRAIN_STEPS = {"full": 40, "tiny": 6}
+TIMED_FROM = {"full": 6, "tiny": 1}
+SEARCH_TRIALS = {"full": 4, "tiny": 2}
+
+
+# --------------------------------------------------------------------------- one training run
+
+def train_one(work: Path, name: str, tiny: bool, result_path: Path) -> None:
+    """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off."""
+    import gpu_bench
+    import torch
+
+    from vqatune import distributed
+    from vqatune.training import TrainConfig, run_training
+
+    gpu_bench.DEV = gpu_bench.Device()
+    if gpu_bench.DEV.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    scale = gpu_bench.TINY if tiny else gpu_bench.FULL
+    size = "tiny" if tiny else "full"
+    cfg = TrainConfig(
+        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=True, cache_image_features=True,
+        prompt_mode="none", batch_size=scale.train_batch, gradient_accumulation_steps=1,
+        eval_batch_size=scale.train_batch, max_steps=TRAIN_STEPS[size], learning_rate=2e-4,
+        lr_scheduler="constant", warmup=0, eval_steps=10_000, save_steps=10_000, logging_steps=1,
+        load_best_model_at_end=False, max_eval_rows=scale.train_batch, dataloader_num_workers=scale.workers,
+        optimizer="adamw_torch_fused" if gpu_bench.DEV.type == "cuda" else "adamw_torch", seed=0)
+    cfg.lora.target_modules, cfg.lora.vision_tower, cfg.lora.modules_to_save = "mlp", False, []
+    cfg.lora.dropout = 0.0
+    timer = gpu_bench.StepTimer()
+    gpu_bench.DEV.reset()
+    result = run_training(cfg, work / "model", work / "processed", work / f"adapter_{name}",
+                          checkpoint_dir=work / f"ckpt_{name}", callbacks=[timer], resume=False)
+    if not distributed.is_main_process():
+        return
+    first = TIMED_FROM[size]
+    timed = [s for s in sorted(timer.times) if s > first]
+    seconds = timer.times[timed[-1]] - timer.times[first]
+    losses = [h["loss"] for h in result.log_history if "loss" in h and "eval_loss" not in h]
+    result_path.write_text(json.dumps({
+        "processes": distributed.world_size(), "device": result.device,
+        "examples_per_s": len(timed) * cfg.batch_size / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
+        "global_batch": cfg.batch_size, "per_process_batch": cfg.batch_size // distributed.world_size(),
+        "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
+        "losses": losses, "eval_loss": result.eval_loss, "steps": result.steps,
+    }, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the driver
+
+def launch_training(work: Path, processes: int, tiny: bool, env: dict) -> dict:
+    from vqatune.distributed import launch_command
+
+    result = work / f"train_{processes}.json"
+    command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{processes}",
+                                              "--result", str(result)] + (["--tiny"] if tiny else []),
+                             processes, config_file=REPO / "configs/accelerate/ddp.yaml")
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, env=env, check=True)
+    out = json.loads(result.read_text())
+    out["wall_s"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def search_params(work: Path, tiny: bool) -> Path:
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tune"].update({"storage": f"sqlite:///{work / 'study.db'}", "n_trials": SEARCH_TRIALS["tiny" if tiny else "full"],
+                           "sampler_startup_trials": 2, "pruner": "none", "max_steps": 4 if tiny else 8,
+                           "evals_per_trial": 1, "eval_rows": 8 if tiny else 16, "study_name": "ddp-bench"})
+    params["train"].update({"batch_size": 4 if tiny else 16, "eval_batch_size": 8 if tiny else 16,
+                            "cache_image_features": True, "epochs": 1, "max_steps": -1,
+                            "optimizer": "adamw_torch"})
+    params["train"]["lora"].update({"target_modules": "mlp", "vision_tower": False, "modules_to_save": []})
+    # The search space without gradient accumulation: a trial of 8 steps x 16 accumulations would
+    # be the whole split; the rest is the committed space (tiny-model learning rates; harmless).
+    params["tune"]["search_space"].pop("gradient_accumulation_steps", None)
+    path = work / "tune_params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_search_workers(work: Path, gpus: int, tiny: bool, env: dict) -> dict:
+    """``gpus`` workers of stages/tune.py, worker i on GPU i, one SQLite study; worker 0 writes."""
+    params = search_params(work, tiny)
+    procs = []
+    start = time.perf_counter()
+    for worker in range(gpus):
+        worker_env = {**env, "CUDA_VISIBLE_DEVICES": str(worker)} if not tiny else dict(env)
+        command = [sys.executable, str(REPO / "stages/tune.py"), "--model", str(work / "model"), "--data",
+                   str(work / "processed"), "--params", str(params), "--worker", str(worker),
+                   "--best-params", str(work / f"best_{worker}.json"), "--metrics", str(work / f"tune_{worker}.json"),
+                   "--plots", str(work / f"tune_plots_{worker}")]
+        procs.append(subprocess.Popen(command, cwd=REPO, env=worker_env))
+    codes = [p.wait() for p in procs]
+    seconds = time.perf_counter() - start
+
+    import optuna
+
+    storage = f"sqlite:///{work / 'study.db'}"
+    trials = []
+    for name in optuna.get_all_study_names(storage):
+        for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False):
+            trials.append({"number": t.number, "state": t.state.name, "value": t.value,
+                           "device": t.user_attrs.get("device"), "pid": (t.user_attrs.get("worker") or {}).get("pid"),
+                           "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+                           if t.datetime_complete and t.datetime_start else None})
+    by_device: dict[str, int] = {}
+    for t in trials:
+        if t["state"] in ("COMPLETE", "PRUNED"):
+            by_device[t["device"]] = by_device.get(t["device"], 0) + 1
+    return {"workers": gpus, "exit_codes": codes, "wall_s": round(seconds, 1), "trials": trials,
+            "finished_by_device": by_device,
+            "n_trials": SEARCH_TRIALS["tiny" if tiny else "full"],
+            "finished": sum(by_device.values()),
+            "outputs_written_by_worker_0": (work / "best_0.json").exists()}
+
+
+def compare_curves(one: list[float], many: list[float]) -> dict:
+    diffs = [abs(a - b) for a, b in zip(one, many)]
+    return {"steps": len(diffs), "mean_abs_diff": sum(diffs) / len(diffs), "max_abs_diff": max(diffs),
+            "mean_loss": sum(one) / len(one)}
+
+
+def write_report(results: dict, out: Path) -> None:
+    one, many = results["training"]["1"], results["training"][str(results["gpus"])]
+    lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
+             f"896 px; nf4 QLoRA, sdpa, checkpointing, image cache, LoRA on the MLP, global batch {one['global_batch']}.",
+             "", "| processes | per-process batch | examples/s | scaling | peak GiB (main) | wall s |",
+             "|---|---|---|---|---|---|"]
+    for key in sorted(results["training"], key=int):
+        r = results["training"][key]
+        lines.append(f"| {r['processes']} | {r['per_process_batch']} | {r['examples_per_s']:.2f} | "
+                     f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
+    c = results["curves"]
+    lines += ["", f"Loss curves over {c['steps']} steps (same batches, dropout off): mean |1 - {results['gpus']}| "
+                  f"{c['mean_abs_diff']:.4f}, max {c['max_abs_diff']:.4f} (mean loss {c['mean_loss']:.3f}).",
+              f"Scaling {results['scaling']:.2f}x (target 1.8x): {'met' if results['scaling'] >= 1.8 else 'NOT met'}."]
+    s = results.get("search")
+    if s:
+        lines += ["", f"Search: {s['workers']} workers (one per GPU, CUDA_VISIBLE_DEVICES) on one SQLite study: "
+                      f"{s['finished']} of {s['n_trials']} trials finished in {s['wall_s']} s; by device: "
+                      f"{s['finished_by_device']}; exit codes {s['exit_codes']}."]
+    text = "\n".join(lines) + "\n"
+    (out / "ddp_bench.md").write_text(text)
+    print(text)
+
+
+def plot(results_path: Path, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = json.loads(results_path.read_text())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("1", "-o"), (str(results["gpus"]), "--x")):
+        r = results["training"][key]
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], style, markersize=3,
+                label=f"{r['processes']} GPU(s), batch {r['per_process_batch']} per process")
+    ax.set_xlabel("optimizer step (global batch %d)" % results["training"]["1"]["global_batch"])
+    ax.set_ylabel("training loss")
+    ax.set_title(f"DDP vs one GPU, same batches ({results['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "_train"])
+    ap.add_argument("--out", help="folder for ddp_bench.json / .md")
+    ap.add_argument("--work", help="scratch folder (model, data, adapters); default: <out>/../ddp_work")
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="builtin tiny model, CPU processes (smoke run)")
+    ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--name")
+    ap.add_argument("--result")
+    ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the loss curves and exit")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.plot:
+        plot(Path(args.plot[0]), Path(args.plot[1]))
+        return 0
+    if args.mode == "_train":
+        train_one(Path(args.work), args.name, args.tiny, Path(args.result))
+        return 0
+
+    import gpu_bench
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or "/tmp/ddp_work")
+    work.mkdir(parents=True, exist_ok=True)
+    scale = gpu_bench.TINY if args.tiny else gpu_bench.FULL
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+               "gpus": args.gpus, "torch": torch.__version__, "scale": dataclasses.asdict(scale)}
+
+    def save():
+        (out / "ddp_bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    if not (work / "model").exists():
+        _, _, results["world"] = gpu_bench.build_world(work, scale, args.tiny)
+    results["training"] = {}
+    for processes in (1, args.gpus):
+        results["training"][str(processes)] = launch_training(work, processes, args.tiny, env)
+        save()
+        log.info("%d process(es): %s", processes,
+                 {k: v for k, v in results["training"][str(processes)].items() if k != "losses"})
+    one, many = results["training"]["1"], results["training"][str(args.gpus)]
+    results["scaling"] = many["examples_per_s"] / one["examples_per_s"]
+    results["curves"] = compare_curves(one["losses"], many["losses"])
+    save()
+    if not args.skip_search:
+        results["search"] = run_search_workers(work, args.gpus, args.tiny, env)
+        save()
+    write_report(results, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
