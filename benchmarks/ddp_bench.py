@@ -39,7 +39,7 @@ SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 # --------------------------------------------------------------------------- one training run
 
-def train_one(work: Path, name: str, tiny: bool, result_path: Path) -> None:
+def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True) -> None:
     """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off."""
     import gpu_bench
     import torch
@@ -53,7 +53,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path) -> None:
     scale = gpu_bench.TINY if tiny else gpu_bench.FULL
     size = "tiny" if tiny else "full"
     cfg = TrainConfig(
-        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=True, cache_image_features=True,
+        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=checkpointing,
+        cache_image_features=True,
         prompt_mode="none", batch_size=scale.train_batch, gradient_accumulation_steps=1,
         eval_batch_size=scale.train_batch, max_steps=TRAIN_STEPS[size], learning_rate=2e-4,
         lr_scheduler="constant", warmup=0, eval_steps=10_000, save_steps=10_000, logging_steps=1,
@@ -74,7 +75,7 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path) -> None:
     result_path.write_text(json.dumps({
         "processes": distributed.world_size(), "device": result.device,
         "examples_per_s": len(timed) * cfg.batch_size / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
-        "global_batch": cfg.batch_size, "per_process_batch": cfg.batch_size // distributed.world_size(),
+        "global_batch": cfg.batch_size, "gradient_checkpointing": checkpointing, "per_process_batch": cfg.batch_size // distributed.world_size(),
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
         "losses": losses, "eval_loss": result.eval_loss, "steps": result.steps,
     }, indent=2) + "\n")
@@ -82,12 +83,13 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path) -> None:
 
 # --------------------------------------------------------------------------- the driver
 
-def launch_training(work: Path, processes: int, tiny: bool, env: dict) -> dict:
+def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True) -> dict:
     from vqatune.distributed import launch_command
 
     result = work / f"train_{processes}.json"
     command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{processes}",
-                                              "--result", str(result)] + (["--tiny"] if tiny else []),
+                                              "--result", str(result)] + (["--tiny"] if tiny else [])
+                             + ([] if checkpointing else ["--no-checkpointing"]),
                              processes, config_file=REPO / "configs/accelerate/ddp.yaml")
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
@@ -160,7 +162,8 @@ def compare_curves(one: list[float], many: list[float]) -> dict:
 def write_report(results: dict, out: Path) -> None:
     one, many = results["training"]["1"], results["training"][str(results["gpus"])]
     lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
-             f"896 px; nf4 QLoRA, sdpa, checkpointing, image cache, LoRA on the MLP, global batch {one['global_batch']}.",
+             f"896 px; nf4 QLoRA, sdpa, gradient checkpointing {'on' if one.get('gradient_checkpointing', True) else 'off'}, "
+             f"image cache, LoRA on the MLP, global batch {one['global_batch']}.",
              "", "| processes | per-process batch | examples/s | scaling | peak GiB (main) | wall s |",
              "|---|---|---|---|---|---|"]
     for key in sorted(results["training"], key=int):
@@ -208,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="builtin tiny model, CPU processes (smoke run)")
     ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="gradient checkpointing off (more memory, no recompute)")
     ap.add_argument("--name")
     ap.add_argument("--result")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the loss curves and exit")
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
         plot(Path(args.plot[0]), Path(args.plot[1]))
         return 0
     if args.mode == "_train":
-        train_one(Path(args.work), args.name, args.tiny, Path(args.result))
+        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing)
         return 0
 
     import gpu_bench
@@ -239,7 +244,8 @@ def main(argv=None) -> int:
         _, _, results["world"] = gpu_bench.build_world(work, scale, args.tiny)
     results["training"] = {}
     for processes in (1, args.gpus):
-        results["training"][str(processes)] = launch_training(work, processes, args.tiny, env)
+        results["training"][str(processes)] = launch_training(work, processes, args.tiny, env,
+                                                              not args.no_checkpointing)
         save()
         log.info("%d process(es): %s", processes,
                  {k: v for k, v in results["training"][str(processes)].items() if k != "losses"})
