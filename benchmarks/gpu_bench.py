@@ -584,6 +584,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="folder for gpu_bench.json and gpu_bench.md")
     ap.add_argument("--work", default=None, help="scratch folder (model, data, adapters); default: a temp dir")
     ap.add_argument("--tiny", action="store_true", help="the builtin tiny model on CPU (smoke test)")
+    ap.add_argument("--parity-rows", type=int, help="rows generated one at a time for the parity check")
     ap.add_argument("--static-cache", action="store_true",
                     help="also time generation with a static KV cache (compiled decoding)")
     args = ap.parse_args(argv)
@@ -591,6 +592,8 @@ def main(argv=None):
     DEV = Device()
     STATIC_CACHE = args.static_cache or args.tiny
     scale = TINY if args.tiny else FULL
+    if args.parity_rows:
+        scale = dataclasses.replace(scale, parity_rows=args.parity_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
