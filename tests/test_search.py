@@ -461,7 +461,9 @@ def test_disabled_stage_keeps_the_pipeline_shape_and_training_uses_train_as_is(t
     code, out = run_stage(tmp_path, {"enabled": False}, model=tmp_path / "absent", data=tmp_path / "absent")
     assert code == 0
     assert json.loads(out["best"].read_text()) == {"searched": False, "params": {}}
-    assert json.loads(out["metrics"].read_text()) == {"searched": False}
+    metrics = json.loads(out["metrics"].read_text())
+    assert metrics.pop("searched") is False
+    assert set(metrics) == {"provenance"}, "a disabled search reports nothing but that and its provenance"
     for name in ("history.csv", "importances.csv", "history.png", "importances.png"):
         assert (out["plots"] / name).stat().st_size > 0
     assert load_hyperparameters(out["best"]) == ({}, "params.yaml")
