@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Under a multi-process launch only the main process logs progress (the others: warnings).
+    quiet = distributed.in_launch() and not distributed.is_main_process()
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
     try:
