@@ -160,7 +160,7 @@ def compare_curves(one: list[float], many: list[float]) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    one, many = results["training"]["1"], results["training"][str(results["gpus"])]
+    one = results["training"]["1"]
     lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
              f"896 px; nf4 QLoRA, sdpa, gradient checkpointing {'on' if one.get('gradient_checkpointing', True) else 'off'}, "
              f"image cache, LoRA on the MLP, global batch {one['global_batch']}.",

@@ -380,7 +380,6 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     (without image keys: the parity check also compares the two encodings)."""
     from vqatune.evaluation import EvaluateConfig, load_tuned_model
     from vqatune.generation import generate_answers
-    from vqatune.prompts import PROMPT_MODES
     from vqatune.speed import ImagePixelCache, maybe_install_image_feature_cache
 
     cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
@@ -391,22 +390,11 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     DEV.reset()
     generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
                      max_new_tokens=2)  # warm-up (not timed)
-    answers, seconds = {}, 0.0
     image_keys, pixel_cache, timing = test["img_id"], ImagePixelCache(), {}
-    for mode in PROMPT_MODES:
-        for tuned in (False, True):
-            ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
-            DEV.sync()
-            t = time.perf_counter()
-            with ctx:
-                answers[(mode, tuned)] = generate_answers(model, processor, messages[mode], images,
-                                                          batch_size=cfg.batch_size,
-                                                          max_new_tokens=cfg.max_new_tokens,
-                                                          image_keys=image_keys, pixel_cache=pixel_cache,
-                                                          cache_implementation=cfg.cache_implementation,
-                                                          stats=timing)
-            DEV.sync()
-            seconds += time.perf_counter() - t
+    answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=image_keys,
+                                             pixel_cache=pixel_cache, cache_implementation=cfg.cache_implementation,
+                                             stats=timing)
+    seconds = sum(per_config)
     n = sum(len(a) for a in answers.values())
     tok = processor.tokenizer
     gen = {"examples_per_s": n / seconds, "examples": n, "configurations": 6, "batch": cfg.batch_size,
@@ -447,25 +435,37 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     return gen, parity
 
 
-def static_cache_generation(model, processor, messages, images, image_keys, pixel_cache, cfg) -> dict:
-    """The six configurations again with ``cache_implementation="static"``: transformers then
-    compiles the decoding step (CUDA graphs); the first configuration pays the compilation."""
+def six_configurations(model, processor, messages, images, cfg, *, image_keys, pixel_cache,
+                       cache_implementation, stats, seconds=None):
+    """{base, tuned} x {none, static, adaptive} as the evaluate stage runs them: answers per
+    (mode, tuned) and synchronised seconds per configuration (appended to ``seconds`` if given)."""
     from vqatune.generation import generate_answers
     from vqatune.prompts import PROMPT_MODES
 
-    per_config, timing = [], {}
+    answers, seconds = {}, seconds if seconds is not None else []
+    for mode in PROMPT_MODES:
+        for tuned in (False, True):
+            ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
+            DEV.sync()
+            t = time.perf_counter()
+            with ctx:
+                answers[(mode, tuned)] = generate_answers(
+                    model, processor, messages[mode], images, batch_size=cfg.batch_size,
+                    max_new_tokens=cfg.max_new_tokens, image_keys=image_keys, pixel_cache=pixel_cache,
+                    cache_implementation=cache_implementation, stats=stats)
+            DEV.sync()
+            seconds.append(time.perf_counter() - t)
+    return answers, seconds
+
+
+def static_cache_generation(model, processor, messages, images, image_keys, pixel_cache, cfg) -> dict:
+    """The six configurations again with ``cache_implementation="static"``: transformers then
+    compiles the decoding step (CUDA graphs); the first configuration pays the compilation."""
+    timing, per_config = {}, []
     try:
-        for mode in PROMPT_MODES:
-            for tuned in (False, True):
-                ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
-                DEV.sync()
-                t = time.perf_counter()
-                with ctx:
-                    generate_answers(model, processor, messages[mode], images, batch_size=cfg.batch_size,
-                                     max_new_tokens=cfg.max_new_tokens, image_keys=image_keys,
-                                     pixel_cache=pixel_cache, cache_implementation="static", stats=timing)
-                DEV.sync()
-                per_config.append(time.perf_counter() - t)
+        _, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=image_keys,
+                                           pixel_cache=pixel_cache, cache_implementation="static",
+                                           stats=timing, seconds=per_config)
     except Exception as err:  # a lever that fails is reported, not fatal to the benchmark
         log.exception("static cache generation failed")
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300],
