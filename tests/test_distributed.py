@@ -89,3 +89,39 @@ def test_two_processes_train_what_one_does_and_only_the_main_one_writes(tiny_mod
         assert torch.allclose(one_weights[key], two_weights[key], atol=1e-4), key
     # Training moved the adapter (a check that could fail if the two runs did nothing alike).
     assert one_losses[0] != one_losses[-1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_stage_leaves_a_partial_adapter_and_the_rerun_resumes(
+        tiny_model_dir, processed_dir, tmp_path):
+    """As DVC stops a stage: SIGTERM to `python stages/train.py` running two DDP processes."""
+    import os
+    import signal
+    import time
+
+    params = load_params(REPO / "params.yaml")
+    params["train"] = {**params["train"], "max_steps": 40, "batch_size": 2, "eval_steps": 2, "save_steps": 2,
+                       "logging_steps": 1, "max_eval_rows": 2, "num_processes": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out, ckpt = tmp_path / "adapter", tmp_path / "ckpt"
+    cmd = [sys.executable, str(REPO / "stages/train.py"), "--model", str(tiny_model_dir), "--data",
+           str(processed_dir), "--best-params", str(tmp_path / "none.json"), "--out", str(out), "--metrics",
+           str(tmp_path / "train.json"), "--plots", str(tmp_path / "curves"), "--checkpoints", str(ckpt),
+           "--params", str(tmp_path / "params.yaml")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not list(ckpt.glob("*/checkpoint-4/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert list(ckpt.glob("*/checkpoint-4/trainer_state.json")) and not out.exists()
+    # The main process saved what it had, marked partial; DVC saw a failed stage (130).
+    assert (tmp_path / "adapter.partial" / "PARTIAL").exists(), err[-3000:]
+
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, "\n".join(l for l in rerun.stderr.splitlines() if "it/s" not in l)[-5000:]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["resumed"] and metrics["resumed_from_step"] >= 4 and metrics["steps"] == 40
+    assert "(DDP)" in metrics["device"] and (out / "adapter_model.safetensors").exists()

@@ -103,7 +103,33 @@ def start(cpu: bool):
     """
     from accelerate import PartialState
 
+    if cpu:
+        _restore_indexed_cpu_locations()
     return PartialState(cpu=cpu)
+
+
+_CPU_LOCATIONS_REGISTERED = False
+
+
+def _restore_indexed_cpu_locations() -> None:
+    """Let ``torch.load`` map "cpu:N" to the CPU.
+
+    Why by hand: resuming a multi-process run, transformers' Trainer loads the optimizer state with
+    ``map_location=args.device``, which accelerate's multi-CPU mode makes ``cpu:0``, and torch only
+    knows the location "cpu" (RuntimeError "don't know how to restore data location ... cpu:0").
+    On GPUs the location is "cuda:N", which torch knows. Found by tests/test_distributed.py.
+    """
+    global _CPU_LOCATIONS_REGISTERED
+    if _CPU_LOCATIONS_REGISTERED:
+        return
+    import torch
+
+    def restore(obj, location: str):
+        return obj if location.startswith("cpu:") else None  # already in host memory
+
+    # Priority 5: before torch's own CPU (10) and CUDA (20) entries; None passes to them.
+    torch.serialization.register_package(5, lambda obj: None, restore)
+    _CPU_LOCATIONS_REGISTERED = True
 
 
 def barrier() -> None:

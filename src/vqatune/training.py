@@ -490,7 +490,10 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     )
     if output_dir is not None and main:
         save_adapter(trainer.model, processor, output_dir, partial=interrupted)
-    distributed.barrier()
+    if not interrupted:
+        # After an interrupt the processes may have stopped at different points (one inside an
+        # all-reduce): no collective then, each leaves on its own.
+        distributed.barrier()
     free_model(trainer, model)
     del trainer, model
     if interrupted:
