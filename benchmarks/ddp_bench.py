@@ -45,23 +45,14 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     import torch
 
     from vqatune import distributed
-    from vqatune.training import TrainConfig, run_training
+    from vqatune.training import run_training
 
     gpu_bench.DEV = gpu_bench.Device()
     if gpu_bench.DEV.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    scale = gpu_bench.TINY if tiny else gpu_bench.FULL
     size = "tiny" if tiny else "full"
-    cfg = TrainConfig(
-        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=checkpointing,
-        cache_image_features=True,
-        prompt_mode="none", batch_size=scale.train_batch, gradient_accumulation_steps=1,
-        eval_batch_size=scale.train_batch, max_steps=TRAIN_STEPS[size], learning_rate=2e-4,
-        lr_scheduler="constant", warmup=0, eval_steps=10_000, save_steps=10_000, logging_steps=1,
-        load_best_model_at_end=False, max_eval_rows=scale.train_batch, dataloader_num_workers=scale.workers,
-        optimizer="adamw_torch_fused" if gpu_bench.DEV.type == "cuda" else "adamw_torch", seed=0)
-    cfg.lora.target_modules, cfg.lora.vision_tower, cfg.lora.modules_to_save = "mlp", False, []
-    cfg.lora.dropout = 0.0
+    cfg = gpu_bench.project_train_config(gpu_bench.TINY if tiny else gpu_bench.FULL, lora_dropout=0.0,
+                                         max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing)
     timer = gpu_bench.StepTimer()
     gpu_bench.DEV.reset()
     result = run_training(cfg, work / "model", work / "processed", work / f"adapter_{name}",

@@ -231,8 +231,10 @@ class StepTimer:
         return _Timer()
 
 
-def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str, **overrides):
-    from vqatune.training import TrainConfig, run_training
+def project_train_config(scale: Scale, *, lora_dropout: float | None = None, **overrides):
+    """The project's training run in the benchmarks (this one, ddp_bench, profile_train): nf4,
+    sdpa, checkpointing, image cache, the guide's LoRA on the MLP, constant lr, no evaluation."""
+    from vqatune.training import TrainConfig
 
     cfg = TrainConfig(
         quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=True,
@@ -246,7 +248,15 @@ def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str
     cfg.lora.target_modules = "mlp"
     cfg.lora.vision_tower = False
     cfg.lora.modules_to_save = []
-    cfg = dataclasses.replace(cfg, **overrides)
+    if lora_dropout is not None:
+        cfg.lora.dropout = lora_dropout
+    return dataclasses.replace(cfg, **overrides)
+
+
+def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str, **overrides):
+    from vqatune.training import run_training
+
+    cfg = project_train_config(scale, **overrides)
     timer = StepTimer()
     DEV.reset()
     adapter_dir = work / f"adapter_{name}"

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from vqatune.collate import AnswerOnlyCollator
     from vqatune.model import load_processor
-    from vqatune.training import TrainConfig, run_training
+    from vqatune.training import run_training
 
     gpu_bench.DEV = dev = gpu_bench.Device()
     out, work = Path(args.out), Path(args.work)
@@ -81,13 +81,8 @@ def main(argv=None) -> int:
             if state.global_step == 8 and self.prof is not None:
                 self.prof.__exit__(None, None, None)
 
-    cfg = TrainConfig(quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=False,
-                      cache_image_features=True, batch_size=args.batch, eval_batch_size=args.batch,
-                      max_steps=9, learning_rate=2e-4, lr_scheduler="constant", warmup=0, eval_steps=10_000,
-                      save_steps=10_000, logging_steps=1, load_best_model_at_end=False,
-                      max_eval_rows=args.batch, dataloader_num_workers=scale.workers,
-                      optimizer="adamw_torch_fused" if dev.type == "cuda" else "adamw_torch")
-    cfg.lora.target_modules, cfg.lora.vision_tower, cfg.lora.modules_to_save = "mlp", False, []
+    cfg = gpu_bench.project_train_config(scale, gradient_checkpointing=False, batch_size=args.batch,
+                                         eval_batch_size=args.batch, max_eval_rows=args.batch, max_steps=9)
     prof = Profile()
     run_training(cfg, work / "model", work / "processed", None, checkpoint_dir=work / "ckpt",
                  callbacks=[prof], resume=False)

@@ -21,8 +21,6 @@ from typing import Sequence, Union
 from .config import ConfigError
 
 ENV_NUM_PROCESSES = "VQATUNE_NUM_PROCESSES"
-# The committed launch config, relative to the repository root (stages/train.py passes its path).
-DEFAULT_ACCELERATE_CONFIG = Path("configs/accelerate/ddp.yaml")
 
 
 def world_size() -> int:
@@ -85,8 +83,9 @@ def split_global_batch(batch_size: int, accumulation: int, processes: int) -> tu
 
 
 def launch_command(script: str | Path, argv: Sequence[str], processes: int, *,
-                   config_file: str | Path = DEFAULT_ACCELERATE_CONFIG) -> list[str]:
-    """``accelerate launch`` of ``script argv`` on ``processes`` processes (an argument list).
+                   config_file: str | Path) -> list[str]:
+    """``accelerate launch`` of ``script argv`` on ``processes`` processes (an argument list), with
+    ``config_file`` the committed configs/accelerate/ddp.yaml (its path from the caller's checkout).
 
     The same command runs on CPUs: torch.distributed.run starts the processes without a GPU and
     each one joins a gloo group (``start`` with ``cpu=True``), which is how the tests run it.
