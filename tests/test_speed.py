@@ -262,3 +262,83 @@ def test_batch_encoder_refuses_image_keys_it_cannot_honour(tiny):
         speed.BatchEncoder(processor, [two], [None], image_keys=["a"])
     with pytest.raises(ValueError, match="1 image keys for 2 prompts"):
         speed.BatchEncoder(processor, [two, two], [None, None], image_keys=["a"])
+
+
+def test_load_tuned_model_gives_a_bf16_base_bf16_adapters_and_leaves_fp32_alone(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vqatune.evaluation import EvaluateConfig, load_tuned_model
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    bf16, _ = load_tuned_model(tiny_model_dir, tmp_path / "adapter", EvaluateConfig(dtype="bfloat16", device="cpu"))
+    lora = {n: p for n, p in bf16.named_parameters() if "lora_" in n}
+    assert len(lora) == len(saved) > 0
+    assert {p.dtype for p in lora.values()} == {torch.bfloat16}  # peft alone loads them in float32
+    # The same values, rounded to bf16 once.
+    assert all(torch.equal(lora[n], saved[n].to(torch.bfloat16)) for n in saved)
+
+    fp32, _ = load_tuned_model(tiny_model_dir, tmp_path / "adapter", EvaluateConfig(dtype="float32", device="cpu"))
+    assert speed.adapters_in_compute_dtype(fp32) == 0
+    assert all(torch.equal(p, saved[n]) for n, p in fp32.named_parameters() if "lora_" in n)
+
+
+def test_compiled_norms_generate_what_the_eager_model_generates(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from proto_levers import collate
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from medgemma import benchmark_qa
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "down_proj"], init_lora_weights=False))
+    model.eval()
+    rows = benchmark_qa(8, processor.image_processor.size["height"], seed=2)
+    batches = [collate(processor, rows[:3], train=False), collate(processor, rows[3:8], train=False)]
+    with torch.no_grad():
+        eager = [model.generate(**b, max_new_tokens=5, do_sample=False) for b in batches]
+    norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
+    assert speed.compile_norms(model) == norms > 0
+    with torch.no_grad():
+        compiled = [model.generate(**b, max_new_tokens=5, do_sample=False) for b in batches]
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))  # two batch sizes, prefill and decode
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_eager_layers(tiny_model_dir):
+    # ~1-2 minutes of compilation on a CPU.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "gate_proj"], init_lora_weights=False))
+        model.train()
+        return model
+
+    processor = __import__("transformers").AutoProcessor.from_pretrained(tiny_model_dir)
+    batches = [_batch(processor, n, seed)[1] for n, seed in ((3, 0), (2, 1))]
+    losses, grads = {}, {}
+    for name in ("eager", "compiled"):
+        model = build()
+        if name == "compiled":
+            layers = speed.compile_layers(model)
+            assert layers == model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
+        losses[name] = []
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            losses[name].append(loss.item())
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert grads["compiled"].keys() == grads["eager"].keys() and grads["eager"]
+    for n, g in grads["eager"].items():
+        assert torch.allclose(grads["compiled"][n], g, rtol=1e-3, atol=1e-5), n

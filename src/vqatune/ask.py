@@ -126,7 +126,10 @@ def load_model(model_dir: Optional[str], adapter_dir: Optional[str], base_dir: s
     if adapter_dir is not None:
         from peft import PeftModel
 
+        from .speed import adapters_in_compute_dtype
+
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        adapters_in_compute_dtype(model)  # the same numbers the evaluate stage computes
     return model, processor
 
 

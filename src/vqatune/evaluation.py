@@ -60,6 +60,9 @@ class EvaluateConfig:
     # the first batches pay the compilation, and each new batch shape (the last, smaller batch)
     # or cache length recompiles. CPU: no compilation, same answers (tests/test_generation.py).
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    # torch.compile every RMSNorm (vqatune.speed.compile_norms): a decoding step is CPU-bound on
+    # a fast GPU and half its operations are Gemma's RMSNorm. null: on with a CUDA device.
+    compile: Optional[bool] = None
     # null: cuda when there is one, else cpu.
     device: Optional[str] = None
     # Torch threads on CPU. 1 suits the tiny model: its ops are too small to split, and idle
@@ -135,10 +138,12 @@ def prompt_messages(stored: list[dict]) -> list[dict]:
 
 def load_tuned_model(base_dir: str | Path, adapter_dir: str | Path, cfg: EvaluateConfig,
                      trust_remote_code: bool = False):
-    """The base model once, with the adapter attached (a peft ``PeftModel``), and the processor."""
+    """The base model once, with the adapter attached (a peft ``PeftModel``) in the base's compute
+    dtype (``speed.adapters_in_compute_dtype``), and the processor."""
     from peft import PeftModel
 
     from .model import load_base_model, load_processor
+    from .speed import adapters_in_compute_dtype
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}/adapter_config.json not found; run the train stage "
@@ -147,9 +152,28 @@ def load_tuned_model(base_dir: str | Path, adapter_dir: str | Path, cfg: Evaluat
                            attn_implementation=cfg.attn_implementation,
                            trust_remote_code=trust_remote_code, device=cfg.device)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    adapters_in_compute_dtype(model)
     model.eval()
     processor = load_processor(base_dir, trust_remote_code=trust_remote_code)
     return model, processor
+
+
+def generation_levers(model, cfg: EvaluateConfig):
+    """What the evaluate stage (and the GPU benchmark) switch on before generating: the image
+    feature cache and, on CUDA by default, compiled RMSNorms. Returns the feature cache or None."""
+    from .speed import compile_norms, maybe_install_image_feature_cache
+
+    cache = maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features)
+    if compiles_norms(model, cfg):
+        log.info("torch.compile: %d RMSNorm modules (the first batch compiles)", compile_norms(model))
+    return cache
+
+
+def compiles_norms(model, cfg: EvaluateConfig) -> bool:
+    """``evaluate.compile``: true, false, or null = on with a CUDA device."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return model.get_input_embeddings().weight.device.type == "cuda"
 
 
 def _peak_memory_gib(device) -> tuple[float, str]:
@@ -191,7 +215,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     from datasets import load_from_disk
 
     from .provenance import device_name
-    from .speed import ImagePixelCache, maybe_install_image_feature_cache
+    from .speed import ImagePixelCache
 
     # Data
     splits = load_from_disk(str(data_dir))
@@ -209,7 +233,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
 
     # Model (loaded once; the adapter is switched off for the base configurations)
     model, processor = load_tuned_model(base_dir, adapter_dir, cfg, trust_remote_code)
-    maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features)
+    generation_levers(model, cfg)
     device = model.get_input_embeddings().weight.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -273,7 +297,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
         "examples_per_s": round(total_examples / total_seconds, 3) if total_seconds else None,
         "peak_memory_gib": round(peak, 3), "memory_measure": measure,
         "test_rows": len(test), "test_rows_total": len(splits["test"]),
-        "cache_implementation": cfg.cache_implementation,
+        "cache_implementation": cfg.cache_implementation, "compiled_norms": compiles_norms(model, cfg),
         # Where the generation time went, summed over the six configurations (generate_answers).
         "timing": {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()},
     }

@@ -19,6 +19,8 @@ tower). The numbers behind each choice are in benchmarks/results/ and the README
 - ``ImagePixelCache`` + ``BatchEncoder(image_keys=...)``: each image's ``pixel_values`` made once
   by the processor (~20 ms of CPU at 896 px) for all its QA and all six evaluation
   configurations; a batch then costs only its prompts' tokenization.
+- ``adapters_in_compute_dtype``: LoRA weights in the base's compute dtype for generation (peft
+  loads them in float32, which doubled the tuned model's generation time).
 - ``dequantize_for_generation``: nf4 weights dequantized once to bf16. For more than one row
   bitsandbytes dequantizes to bf16 and calls the same matmul at every step, so the function
   is unchanged while each decode step stops paying the dequantization.
@@ -54,6 +56,51 @@ def freeze_for_kbit_training(model, *, upcast_to_fp32: bool = False,
         # Non-reentrant checkpointing needs no requires-grad hook on the input embeddings.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def compile_layers(model, *, dynamic: bool = True) -> int:
+    """``torch.compile`` each transformer layer of both towers in place (regional compilation).
+
+    A training step of MedGemma-4B at batch 16 is CPU-bound on an H100: ~10,000 small kernels
+    launched one by one from Python (eager RMSNorm, rotary, GeLU, LoRA, bitsandbytes' 4-bit
+    matmuls), more CPU time than the GPU needs for the work (benchmarks/profile_train.py). A
+    compiled layer fuses the elementwise work and runs from generated code. All layers of a
+    tower share one code object, so one compilation serves them all (torch >= 2.5 inlines the
+    modules); ``dynamic`` avoids a recompilation per padded sequence length. The function is
+    unchanged (tests/test_speed.py compares losses). Returns the number of layers compiled.
+    """
+    compiled = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("DecoderLayer", "EncoderLayer")) and hasattr(module, "compile"):
+            module.compile(dynamic=dynamic)
+            compiled += 1
+    return compiled
+
+
+def compile_norms(model, *, dynamic: bool = True) -> int:
+    """``torch.compile`` every RMSNorm of ``model`` in place, for generation.
+
+    A decoding step of MedGemma-4B at batch 384 is CPU-bound on an H100 (~200 ms of Python and
+    kernel launches for ~60 ms of GPU work, benchmarks/profile_generate.py). Gemma's RMSNorm is
+    ten small operations (fp32 cast, pow, mean, add, rsqrt, mul, weight cast, add, mul, cast)
+    and runs 6 times per layer: about half of the step's operations. Compiled, each is one
+    fused kernel. Whole layers cannot be compiled for generation: the KV cache's per-layer
+    state makes every layer a new graph (past the recompile limit). Returns the number compiled.
+    """
+    import torch._dynamo
+
+    # Variants: hidden size and head size (q/k norms), prefill and one-token decoding.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    # A speed lever must not stop an evaluation: where compiling fails (e.g. no C compiler for
+    # triton's launcher), torch runs the norm eagerly and logs why.
+    torch._dynamo.config.suppress_errors = True
+    compiled = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "compile"):
+            module.compile(dynamic=dynamic)
+            compiled += 1
+    return compiled
 
 
 # --------------------------------------------------------------------------- image features
@@ -226,6 +273,27 @@ def dequantize_for_generation(model, dtype: torch.dtype = torch.bfloat16) -> int
     return replaced
 
 
+def adapters_in_compute_dtype(model) -> int:
+    """Cast the LoRA weights of a loaded ``PeftModel`` to the dtype the base model computes in.
+
+    peft loads adapters in float32 (``autocast_adapter_dtype``), so on a bf16 (or nf4 with bf16
+    compute) base every LoRA layer casts its input to float32, runs two float32 matmuls and
+    casts back. For generation that doubled the time of the tuned configurations on an H100
+    (benchmarks/profile_generate.py: 6.6 s against 3.2 s per batch of 192 with the adapter off).
+    Training keeps float32 adapters (small updates); a float32 base (the tiny model on CPU) is
+    left as it is. Returns the number of tensors cast.
+    """
+    dtype = model.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        return 0
+    cast = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 # --------------------------------------------------------------------------- generation inputs
 
 class ImagePixelCache:
@@ -277,7 +345,7 @@ class BatchEncoder:
 
     def __init__(self, processor, texts, images, threads: int | None = None, *,
                  image_keys=None, pixel_cache: ImagePixelCache | None = None,
-                 pixel_dtype: torch.dtype | None = None):
+                 pixel_dtype: torch.dtype | None = None, pin_memory: bool = False):
         import copy
         import os
         import queue
@@ -290,6 +358,9 @@ class BatchEncoder:
         self.image_keys = image_keys
         self.pixel_cache = pixel_cache if pixel_cache is not None or image_keys is None else ImagePixelCache()
         self.pixel_dtype = pixel_dtype
+        # Batches for a CUDA device: the pixels are assembled straight into page-locked memory,
+        # so the ~1 GB host-to-device copy of a 192-row batch runs at full speed, asynchronously.
+        self.pin_memory = pin_memory
         # At most 8 threads and one per core; a one-row call (vqatune ask) copies the processor once.
         self.threads = max(1, min(threads or 8, 8, os.cpu_count() or 1))
         # Copies taken now carry the caller's padding side (left for generation).
@@ -412,7 +483,12 @@ class BatchEncoder:
             pixels = [p if isinstance(p, torch.Tensor) else p[0].result()[p[1]] for p in parts]
             inputs = text.result()
             start = time.perf_counter()
-            inputs["pixel_values"] = torch.cat(pixels)
+            if self.pin_memory:
+                shape = (sum(p.shape[0] for p in pixels), *pixels[0].shape[1:])
+                inputs["pixel_values"] = torch.cat(pixels, out=torch.empty(shape, dtype=pixels[0].dtype,
+                                                                            pin_memory=True))
+            else:
+                inputs["pixel_values"] = torch.cat(pixels)
             with self._lock:
                 self.encode_seconds += time.perf_counter() - start
             return inputs
