@@ -52,6 +52,12 @@ class TrainConfig:
     # Kvasir image, ~5.5 TFLOP per 896 px image on MedGemma): identical features while the vision
     # tower and projector are frozen; skipped (logged) when they train. vqatune.speed.
     cache_image_features: bool = True
+    # torch.compile each transformer layer (vqatune.speed.compile_layers): fewer, fused kernels
+    # for a step that is otherwise CPU-bound on a fast GPU. Measured on an H100 (benchmarks/
+    # results/train_levers_h100.json): 1.47x at batch 16 without checkpointing, but no gain at
+    # batch 32 with checkpointing and stalls where new shapes recompile; the first steps pay
+    # ~2 min of compilation. Off until it wins with the defaults.
+    compile: bool = False
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
     # Data. The prompt mode trained on (evaluation still tries all three).
@@ -378,7 +384,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     from .collate import AnswerOnlyCollator
     from .model import (attach_lora, free_model, load_base_model, load_processor,
                         prepare_for_kbit_training, trainable_parameters)
-    from .speed import maybe_install_image_feature_cache
+    from .speed import compile_layers, maybe_install_image_feature_cache
 
     set_seed(train_cfg.seed)
 
@@ -418,6 +424,8 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     model = prepare_for_kbit_training(model, train_cfg.gradient_checkpointing)
     model = attach_lora(model, train_cfg.lora)
     maybe_install_image_feature_cache(model, training=True, enabled=train_cfg.cache_image_features)
+    if train_cfg.compile:
+        log.info("torch.compile: %d layers (the first steps compile)", compile_layers(model))
     trainable, total = trainable_parameters(model)
 
     # Training
