@@ -63,7 +63,7 @@ class Scale:
 
 
 FULL = Scale(images=200, test_size=0.4, image_size=896, guide_steps=10, parity_steps=10, parity_batch=4,
-             train_batch=32, train_steps=30, timed_from=4, workers=8, gen_rows=384, gen_batch=192,
+             train_batch=32, train_steps=30, timed_from=4, workers=8, gen_rows=384, gen_batch=384,
              guide_gen=6, parity_rows=48, num_proc=16, new_tokens=25)
 TINY = Scale(images=12, test_size=0.4, image_size=64, guide_steps=2, parity_steps=3, parity_batch=2,
              train_batch=4, train_steps=4, timed_from=1, workers=0, gen_rows=4, gen_batch=4,
@@ -388,29 +388,55 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     cached, each image's pixels made once (img_id keys, one pixel cache for the six
     configurations), generate_answers over the six configurations; then batched vs one-at-a-time
     (without image keys: the parity check also compares the two encodings)."""
-    from vqatune.evaluation import EvaluateConfig, load_tuned_model
+    from vqatune.evaluation import EvaluateConfig, generation_levers, load_tuned_model
     from vqatune.generation import generate_answers
-    from vqatune.speed import ImagePixelCache, maybe_install_image_feature_cache
+    from vqatune.speed import ImagePixelCache
 
     cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
                          device=DEV.type, max_new_tokens=scale.new_tokens)
     test, messages, images = evaluation_inputs(data_dir, scale)
     model, processor = load_tuned_model(model_dir, adapter_dir, cfg)
-    cache = maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features)
-    DEV.reset()
-    generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
-                     max_new_tokens=2)  # warm-up (not timed)
-    image_keys, pixel_cache, timing = test["img_id"], ImagePixelCache(), {}
-    answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=image_keys,
-                                             pixel_cache=pixel_cache, cache_implementation=cfg.cache_implementation,
-                                             stats=timing)
-    seconds = sum(per_config)
-    n = sum(len(a) for a in answers.values())
+    compiled = cfg.compile is not False and DEV.type == "cuda"
+    # First without compiled norms (the lever's yardstick), then as the evaluate stage runs.
+    cache = generation_levers(model, dataclasses.replace(cfg, compile=False))
+    uncompiled = None
+    for run in (["uncompiled"] if compiled else []) + ["default"]:
+        if run == "default" and compiled:
+            from vqatune.speed import compile_norms
+
+            compile_norms(model)
+        if cache is not None:
+            cache.store.clear()  # each run computes its images' features once, as a fresh stage would
+            cache.hits = cache.misses = 0
+        DEV.reset()
+        DEV.sync()
+        t = time.perf_counter()
+        # Warm-up, not timed: CUDA context, kernels, and the compilation of the RMSNorms (prefill
+        # and one-token shapes; dynamic sizes, so the timed batches reuse it).
+        generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
+                         max_new_tokens=2)
+        DEV.sync()
+        warmup_s = time.perf_counter() - t
+        image_keys, pixel_cache, timing = test["img_id"], ImagePixelCache(), {}
+        answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=image_keys,
+                                                 pixel_cache=pixel_cache,
+                                                 cache_implementation=cfg.cache_implementation, stats=timing)
+        seconds = sum(per_config)
+        n = sum(len(a) for a in answers.values())
+        if run == "uncompiled":
+            uncompiled = {"examples_per_s": n / seconds, "seconds_per_configuration": per_config,
+                          "timing": timing, "answers_equal_compiled": None}
+            uncompiled_answers = answers
+            log.info("project generation without compiled norms %s", uncompiled)
+    if uncompiled is not None:
+        uncompiled["answers_equal_compiled"] = sum(
+            a == b for key in answers for a, b in zip(answers[key], uncompiled_answers[key])) / n
     tok = processor.tokenizer
     gen = {"examples_per_s": n / seconds, "examples": n, "configurations": 6, "batch": cfg.batch_size,
            "peak_gib": DEV.peak_gib(),
            "vision_forwards": cache.misses if cache else None, "cache_hits": cache.hits if cache else None,
-           "cache_implementation": cfg.cache_implementation,
+           "cache_implementation": cfg.cache_implementation, "warmup_s": warmup_s,
+           "compiled_norms": compiled, "seconds_per_configuration": per_config, "without_compiled_norms": uncompiled,
            # seconds over the six configurations: waiting for CPU-encoded inputs, host->device,
            # model.generate (synchronised), decoding; images processed once vs rows reusing them
            "timing": timing, "pixel_cache_gib": pixel_cache.memory_bytes() / 2**30}
@@ -557,8 +583,13 @@ def write_report(results: dict, out: Path):
             row(f"train: project, {r['label']}", r, g)
     ge = ev["guide"]["examples_per_s"]
     row("evaluate: guide (one at a time, nf4, eager, 25 new tokens)", ev["guide"], ge)
-    row(f"evaluate: project (generate_answers, batch {ev['project']['batch']}, bf16, image cache, six configurations)",
+    row(f"evaluate: project (generate_answers, batch {ev['project']['batch']}, bf16, image cache, "
+        + ("compiled norms, " if ev["project"].get("compiled_norms") else "") + "six configurations)",
         ev["project"], ge)
+    plain = ev["project"].get("without_compiled_norms")
+    if plain:
+        lines.append(f"| evaluate: project, the same without compiled norms | {plain['examples_per_s']:.2f} | "
+                     f"{plain['examples_per_s'] / ge:.1f}x | - | - |")
     static = ev["project"].get("static_cache") or {}
     if "examples_per_s" in static:
         row(f"evaluate: project, static KV cache + compiled decoding (first configuration "
@@ -638,7 +669,8 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
                                                      if not isinstance(v, list)})
     fast, adapter_dir = project_training(model_dir, data_dir, work, scale, name="default")
-    fast["label"] = f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache)"
+    fast["label"] = (f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache"
+                     + ")")
     results["training"]["project_default"] = fast
     save()
     log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})
