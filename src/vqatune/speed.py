@@ -475,13 +475,16 @@ class BatchEncoder:
                     self._in_flight[key] = (future, n)
             cache.computed += len(keys)
         parts = [s if isinstance(s, torch.Tensor) else self._in_flight[s] for s in sources]
-        text = self.pool.submit(self._run, self._text, rows)
+        # The prompts' tokenization in one chunk per thread, merged with padding as one call pads:
+        # with a batch of 384, one configuration is one batch, and nothing else overlaps it.
+        size = -(-len(rows) // self.threads)
+        texts = [self.pool.submit(self._run, self._text, rows[i:i + size]) for i in range(0, len(rows), size)]
 
         def assemble():
             # Runs on a pool thread queued after every pixel job it waits for: no deadlock, and
             # the ~1 GB concatenation of a 192-row 896 px batch stays off the main thread.
             pixels = [p if isinstance(p, torch.Tensor) else p[0].result()[p[1]] for p in parts]
-            inputs = text.result()
+            inputs = self._merge([t.result() for t in texts])
             start = time.perf_counter()
             if self.pin_memory:
                 shape = (sum(p.shape[0] for p in pixels), *pixels[0].shape[1:])
