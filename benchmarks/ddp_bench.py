@@ -39,7 +39,8 @@ SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 # --------------------------------------------------------------------------- one training run
 
-def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True) -> None:
+def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True,
+              compile: bool = False) -> None:
     """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off."""
     import gpu_bench
     import torch
@@ -52,7 +53,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     size = "tiny" if tiny else "full"
     cfg = gpu_bench.project_train_config(gpu_bench.TINY if tiny else gpu_bench.FULL, lora_dropout=0.0,
-                                         max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing)
+                                         max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing,
+                                         compile=compile)
     timer = gpu_bench.StepTimer()
     gpu_bench.DEV.reset()
     result = run_training(cfg, work / "model", work / "processed", work / f"adapter_{name}",
@@ -66,7 +68,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     result_path.write_text(json.dumps({
         "processes": distributed.world_size(), "device": result.device,
         "examples_per_s": len(timed) * cfg.batch_size / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
-        "global_batch": cfg.batch_size, "gradient_checkpointing": checkpointing, "per_process_batch": cfg.batch_size // distributed.world_size(),
+        "global_batch": cfg.batch_size, "gradient_checkpointing": checkpointing, "compile": compile,
+        "precompute_image_features": cfg.precompute_image_features, "per_process_batch": cfg.batch_size // distributed.world_size(),
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
         "losses": losses, "eval_loss": result.eval_loss, "steps": result.steps,
     }, indent=2) + "\n")
@@ -74,13 +77,14 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
 
 # --------------------------------------------------------------------------- the driver
 
-def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True) -> dict:
+def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
+                    compile: bool = False) -> dict:
     from vqatune.distributed import launch_command
 
     result = work / f"train_{processes}.json"
     command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{processes}",
                                               "--result", str(result)] + (["--tiny"] if tiny else [])
-                             + ([] if checkpointing else ["--no-checkpointing"]),
+                             + ([] if checkpointing else ["--no-checkpointing"]) + (["--compile"] if compile else []),
                              processes, config_file=REPO / "configs/accelerate/ddp.yaml")
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
@@ -204,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="gradient checkpointing off (more memory, no recompute)")
+    ap.add_argument("--compile", action="store_true", help="train.compile on (regional torch.compile)")
     ap.add_argument("--name")
     ap.add_argument("--result")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the loss curves and exit")
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
         plot(Path(args.plot[0]), Path(args.plot[1]))
         return 0
     if args.mode == "_train":
-        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing)
+        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, args.compile)
         return 0
 
     import gpu_bench
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
     results["training"] = {}
     for processes in (1, args.gpus):
         results["training"][str(processes)] = launch_training(work, processes, args.tiny, env,
-                                                              not args.no_checkpointing)
+                                                              not args.no_checkpointing, args.compile)
         save()
         log.info("%d process(es): %s", processes,
                  {k: v for k, v in results["training"][str(processes)].items() if k != "losses"})

@@ -5,7 +5,9 @@ of CPU (about 10,000 kernel launches from Python) for ~0.44 s of GPU work. That 
 GPUs at batch 16 each from doubling one GPU at batch 32 (benchmarks/ddp_bench.py). Each variant
 here is ``vqatune.training.run_training`` with the project's benchmark config and one change:
 
-- ``compile``: ``train.compile`` (regional ``torch.compile`` of every transformer layer);
+- ``lazy_features``: ``train.precompute_image_features`` off (features computed inside the first
+  step that shows an image, as before 2026-11-27's fourth session);
+- ``compile``: ``train.compile`` (regional ``torch.compile`` of the transformer layers);
 - ``no_cudnn_sdpa``: PyTorch's cuDNN attention backend off (its per-call CPU cost was ~1 ms),
   so SDPA takes the memory-efficient kernel.
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 VARIANTS = {
     "base": {},
+    "lazy_features": {"precompute_image_features": False},
     "no_cudnn_sdpa": {"cudnn_sdpa": False},
     "compile": {"compile": True},
     "compile_no_cudnn_sdpa": {"compile": True, "cudnn_sdpa": False},
@@ -36,8 +39,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/profile_work")
-    ap.add_argument("--runs", nargs="+", default=["base@16", "no_cudnn_sdpa@16", "compile@16", "compile@32",
-                                                  "base@32"],
+    ap.add_argument("--runs", nargs="+", default=["base@16", "lazy_features@16", "compile@16", "compile@32",
+                                                  "base@32", "no_cudnn_sdpa@16"],
                     help="variant@batch, variants: " + ", ".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=6)

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -43,3 +45,36 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert parity["generation"]["share_identical"] == 1.0
     table = (tmp_path / "out" / "gpu_bench.md").read_text()
     assert "train_speedup" in table and "| train: guide recipe" in table
+
+
+def _run(script: str, *args: str) -> None:
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(BENCH / script), "--tiny", *args], check=True, env=env,
+                   cwd=BENCH.parent, timeout=600)
+
+
+def test_profilers_and_the_lever_script_run_on_the_tiny_model(tmp_path):
+    """The device-session tools (profiles, training levers) on the tiny model on CPU."""
+    work = str(tmp_path / "work")
+    _run("train_levers.py", "--out", str(tmp_path / "levers"), "--work", work, "--runs", "base@2",
+         "lazy_features@2", "--steps", "3", "--warmup", "1")
+    levers = json.loads((tmp_path / "levers" / "train_levers.json").read_text())
+    assert set(levers["runs"]) == {"base@2", "lazy_features@2"}
+    for run in levers["runs"].values():
+        assert "error" not in run and run["examples_per_s"] > 0 and len(run["losses"]) == 3
+    # the same batches either way: precomputed features are the features the steps compute, up to
+    # float rounding (the vision tower sees other batch compositions)
+    assert levers["runs"]["base@2"]["losses"] == pytest.approx(levers["runs"]["lazy_features@2"]["losses"], rel=1e-3)
+
+    _run("profile_generate.py", "--out", str(tmp_path / "gen"), "--work", work, "--rows", "4", "--batch", "2",
+         "--new-tokens", "3")
+    gen = json.loads((tmp_path / "gen" / "profile_generate.json").read_text())
+    assert {"tuned", "base", "tuned_merged", "tuned_prefill_only"} <= set(gen["runs"])
+    assert gen["merged_identical_share"] == 1.0 and "aten::" in gen["profile"]["top_cpu"]
+
+    _run("profile_train.py", "--out", str(tmp_path / "train"), "--work", work, "--batch", "2")
+    train = json.loads((tmp_path / "train" / "profile_train.json").read_text())
+    assert train["loader_examples_per_s"] > 0 and train["step_s"] and "aten::" in train["top_cpu"]

@@ -252,3 +252,47 @@ def test_ctrl_c_on_the_stage_leaves_a_partial_adapter_and_the_rerun_resumes(tiny
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["resumed"] and metrics["resumed_from_step"] >= 4 and metrics["steps"] == 40
     assert not Path(f"{out}.partial").exists() and (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_precomputed_image_features_leave_no_vision_forward_to_the_steps(tiny_model_dir, processed_dir, tmp_path,
+                                                                          monkeypatch, precompute):
+    from datasets import load_from_disk
+
+    from vqatune import speed
+
+    caches = []
+    install = speed.ImageFeatureCache.install
+
+    def spy(self, *args, **kwargs):
+        caches.append(self)
+        return install(self, *args, **kwargs)
+
+    monkeypatch.setattr(speed.ImageFeatureCache, "install", spy)
+
+    class VisionCalls(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.misses_at_start = caches[0].misses
+            self.calls = []
+            tower = next(m for n, m in model.named_modules() if n.endswith("vision_tower"))
+            self.hook = tower.register_forward_hook(lambda *a: self.calls.append(1))
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.hook.remove()
+
+    calls = VisionCalls()
+    cfg = small_config(load_best_model_at_end=False, cache_image_features=True,
+                       precompute_image_features=precompute)
+    cfg.lora.target_modules, cfg.lora.vision_tower, cfg.lora.modules_to_save = "mlp", False, []
+    run_training(cfg, tiny_model_dir, processed_dir, None, checkpoint_dir=tmp_path / "ckpt", callbacks=[calls])
+
+    train, held_out = split_train_eval(load_from_disk(str(processed_dir))["train"], cfg.eval_fraction, cfg.seed,
+                                       cfg.max_eval_rows)
+    distinct = len(set(train["img_id"])) + len(set(held_out["img_id"]))
+    assert len(caches) == 1
+    if precompute:
+        assert calls.misses_at_start == len(caches[0].store) == distinct
+        assert calls.calls == []  # four steps and two evaluations, all from the cache
+        assert caches[0].misses == distinct and caches[0].hits >= 4 * cfg.batch_size
+    else:  # the control: the same run computes features inside its steps
+        assert calls.misses_at_start == 0 and len(calls.calls) > 0

@@ -52,11 +52,18 @@ class TrainConfig:
     # Kvasir image, ~5.5 TFLOP per 896 px image on MedGemma): identical features while the vision
     # tower and projector are frozen; skipped (logged) when they train. vqatune.speed.
     cache_image_features: bool = True
+    # With the cache: every distinct train and eval image's features computed before the first
+    # step (one pass in batches), so no step runs the vision tower and all steps have the same
+    # shapes (what a compiled step needs). Without it they are computed in the first step that
+    # shows the image. The features are the same up to float rounding (the tower sees other
+    # batch compositions: on the tiny model on CPU, losses agree to ~1e-4).
+    precompute_image_features: bool = True
     # torch.compile each transformer layer (vqatune.speed.compile_layers): fewer, fused kernels
     # for a step that is otherwise CPU-bound on a fast GPU. Measured on an H100 (benchmarks/
-    # results/train_levers_h100.json): 1.47x at batch 16 without checkpointing, but no gain at
-    # batch 32 with checkpointing and stalls where new shapes recompile; the first steps pay
-    # ~2 min of compilation. Off until it wins with the defaults.
+    # results/train_levers_h100.json, before precompute_image_features): 1.47x at batch 16
+    # without checkpointing, but no gain at batch 32 with checkpointing and stalls where the
+    # vision tower's changing batch recompiled; the first steps pay ~2 min of compilation. Off
+    # until it wins with the defaults.
     compile: bool = False
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
@@ -423,9 +430,13 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
                             trust_remote_code=trust_remote_code, device=device)
     model = prepare_for_kbit_training(model, train_cfg.gradient_checkpointing)
     model = attach_lora(model, train_cfg.lora)
-    maybe_install_image_feature_cache(model, training=True, enabled=train_cfg.cache_image_features)
+    feature_cache = maybe_install_image_feature_cache(model, training=True,
+                                                      enabled=train_cfg.cache_image_features)
     if train_cfg.compile:
-        log.info("torch.compile: %d layers (the first steps compile)", compile_layers(model))
+        # With cached features the vision tower runs only before the first step (no_grad): its
+        # layers are left eager there, and compile time goes to the language model.
+        towers = ("DecoderLayer",) if feature_cache is not None else ("DecoderLayer", "EncoderLayer")
+        log.info("torch.compile: %d layers (the first steps compile)", compile_layers(model, towers=towers))
     trainable, total = trainable_parameters(model)
 
     # Training
@@ -456,6 +467,9 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     start = time.perf_counter()
     interrupted = False
     try:
+        if feature_cache is not None and train_cfg.precompute_image_features:
+            precompute_image_features(trainer, feature_cache, collator, (train_ds, eval_ds),
+                                      train_cfg.batch_size, train_cfg.dataloader_num_workers)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         interrupted = True
@@ -507,6 +521,39 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     if interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+class _PixelValues:
+    """DataLoader collate: the training collator's ``pixel_values`` alone (bit for bit the
+    tensors a training batch carries, so the cache's keys match)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        return self.collator(rows)["pixel_values"]
+
+
+def precompute_image_features(trainer, cache, collator, datasets, batch_size: int, num_workers: int) -> int:
+    """Fill ``cache`` with the features of every distinct image of ``datasets`` (one row per
+    ``img_id``), under the trainer's autocast, before the first step. Returns how many were new."""
+    import torch
+
+    parts = []
+    for ds in datasets:
+        first: dict = {}
+        for i, img_id in enumerate(ds["img_id"]):
+            first.setdefault(img_id, i)
+        parts.append(ds.select(sorted(first.values())))
+    loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_size=batch_size,
+                                         collate_fn=_PixelValues(collator), num_workers=num_workers)
+    device = trainer.model.get_input_embeddings().weight.device
+    start = time.perf_counter()
+    with torch.no_grad(), trainer.accelerator.autocast():
+        new = cache.prefill(loader, device, progress=distributed.is_main_process())
+    log.info("image features precomputed: %d new images in %.1f s (%.2f GiB in host memory)",
+             new, time.perf_counter() - start, cache.memory_bytes() / 2**30)
+    return new
 
 
 def _device_label(device: str) -> str:
