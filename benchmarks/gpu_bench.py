@@ -150,8 +150,10 @@ def guide_loss(model, batch):
     return model(**batch).loss  # logits over the whole vocabulary at every position
 
 
-def project_parity_model(model_dir):
-    """The project's training set-up (vqatune.model + vqatune.speed + TRL's loss), guide's LoRA."""
+def project_parity_model(model_dir, upcast: bool = False):
+    """The project's training set-up (vqatune.model + vqatune.speed + TRL's loss), guide's LoRA;
+    ``upcast``: with peft's fp32 upcast of the frozen weights, as the guide has it (to isolate
+    what the upcast alone does to the curve)."""
     from trl.trainer.utils import add_fused_lm_head
 
     from vqatune.model import LoraSettings, attach_lora, load_base_model, prepare_for_kbit_training
@@ -159,7 +161,12 @@ def project_parity_model(model_dir):
 
     model = load_base_model(model_dir, quantization="4bit", compute_dtype=str(DEV.compute_dtype)[6:],
                             attn_implementation="sdpa", device=DEV.type)
-    model = prepare_for_kbit_training(model, gradient_checkpointing=True)
+    if upcast:
+        from vqatune.speed import freeze_for_kbit_training
+
+        model = freeze_for_kbit_training(model, upcast_to_fp32=True, gradient_checkpointing=True)
+    else:
+        model = prepare_for_kbit_training(model, gradient_checkpointing=True)
     model = attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="mlp"))
     maybe_install_image_feature_cache(model, training=True)
     # What SFTTrainer does: log-probs of labelled positions only, in tiles (CUDA).
@@ -316,12 +323,21 @@ def loss_parity(model_dir, data_dir, scale: Scale):
         _, curves[run], _ = train_loop(model, batches, project_loss, warmup=0, seed=0 if run == "same_init" else 1)
     free(model)
     del model
+    # The project's levers with the guide's fp32 upcast: how much of the gap is the upcast.
+    model = project_parity_model(model_dir, upcast=True)
+    cast_adapters_like_sft_trainer(model)
+    model.load_state_dict(init, strict=False)
+    _, curves["upcast"], _ = train_loop(model, batches, project_loss, warmup=0)
+    free(model)
+    del model
 
     def mean_abs(a, b):
         return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
 
     parity = {"batch": bs, "steps": scale.parity_steps, "guide": guide_losses, "project": curves["same_init"],
               "project_dropout_seed_1": curves["dropout_seed_1"], "project_seed_1": curves["seed_1"],
+              "project_fp32_upcast": curves["upcast"],
+              "mean_abs_gap_with_upcast": mean_abs(guide_losses, curves["upcast"]),
               "mean_abs_gap": mean_abs(guide_losses, curves["same_init"]),
               "max_abs_gap": max(abs(x - y) for x, y in zip(guide_losses, curves["same_init"])),
               "mean_abs_noise_dropout": mean_abs(curves["dropout_seed_1"], curves["same_init"]),
@@ -611,7 +627,9 @@ def write_report(results: dict, out: Path):
               f"Loss parity ({p['steps']} steps, batch {p['batch']}): mean |guide - project| {p['mean_abs_gap']:.4f}, "
               f"max {p['max_abs_gap']:.4f}; noise: project reseeded (adapter init + dropout) mean "
               f"{p['mean_abs_noise_seed']:.4f}, dropout seed only {p['mean_abs_noise_dropout']:.4f}: "
-              f"{'within noise' if p['within_noise'] else 'NOT within noise'}.",
+              f"{'within noise' if p['within_noise'] else 'NOT within noise'}"
+              + (f"; the project's levers with the guide's fp32 upcast: mean gap {p['mean_abs_gap_with_upcast']:.4f}."
+                 if "mean_abs_gap_with_upcast" in p else "."),
               f"Generation parity: {100 * q['share_identical']:.1f}% of {q['rows']} batched answers identical to "
               "one-at-a-time answers of the same model."]
     text = "\n".join(lines) + "\n"

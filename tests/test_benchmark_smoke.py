@@ -42,6 +42,8 @@ def test_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path):
     parity = results["parity"]
     assert len(parity["training"]["guide"]) == len(parity["training"]["project"]) == gpu_bench.TINY.parity_steps
     assert parity["training"]["within_noise"]
+    # the upcast variant (the guide's fp32 upcast on the project's path) ran on the same batches
+    assert len(parity["training"]["project_fp32_upcast"]) == gpu_bench.TINY.parity_steps
     assert parity["generation"]["share_identical"] == 1.0
     table = (tmp_path / "out" / "gpu_bench.md").read_text()
     assert "train_speedup" in table and "| train: guide recipe" in table
