@@ -71,10 +71,13 @@ def compile_layers(model, *, dynamic: bool = True, towers: tuple[str, ...] = ("D
     modules); ``dynamic`` avoids a recompilation per padded sequence length. The function is
     unchanged (tests/test_speed.py compares losses). Returns the number of layers compiled.
     """
+    return _compile_modules(model, towers, dynamic)
+
+
+def _compile_modules(model, class_suffixes: tuple[str, ...], dynamic: bool) -> int:
     compiled = 0
     for module in model.modules():
-        name = type(module).__name__
-        if name.endswith(towers) and hasattr(module, "compile"):
+        if type(module).__name__.endswith(class_suffixes) and hasattr(module, "compile"):
             module.compile(dynamic=dynamic)
             compiled += 1
     return compiled
@@ -83,11 +86,11 @@ def compile_layers(model, *, dynamic: bool = True, towers: tuple[str, ...] = ("D
 def compile_norms(model, *, dynamic: bool = True) -> int:
     """``torch.compile`` every RMSNorm of ``model`` in place, for generation.
 
-    A decoding step of MedGemma-4B at batch 384 is CPU-bound on an H100 (~200 ms of Python and
-    kernel launches for ~60 ms of GPU work, benchmarks/profile_generate.py). Gemma's RMSNorm is
-    ten small operations (fp32 cast, pow, mean, add, rsqrt, mul, weight cast, add, mul, cast)
-    and runs 6 times per layer: about half of the step's operations. Compiled, each is one
-    fused kernel. Whole layers cannot be compiled for generation: the KV cache's per-layer
+    Decoding MedGemma-4B is CPU-bound on an H100: in a profiled batch of 192 (prefill + 7 steps)
+    the GPU was busy 2.3 s of 7.2 s, a decoding step taking ~190 ms (benchmarks/
+    profile_generate.py). Gemma's RMSNorm is ten small operations (fp32 cast, pow, mean, add,
+    rsqrt, mul, weight cast, add, mul, cast) and runs 6 times per layer: about half of a step's
+    operations. Compiled, each is one fused kernel (1.29x for the six configurations). Whole layers cannot be compiled for generation: the KV cache's per-layer
     state makes every layer a new graph (past the recompile limit). Returns the number compiled.
     """
     import torch._dynamo
@@ -97,12 +100,7 @@ def compile_norms(model, *, dynamic: bool = True) -> int:
     # A speed lever must not stop an evaluation: where compiling fails (e.g. no C compiler for
     # triton's launcher), torch runs the norm eagerly and logs why.
     torch._dynamo.config.suppress_errors = True
-    compiled = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "compile"):
-            module.compile(dynamic=dynamic)
-            compiled += 1
-    return compiled
+    return _compile_modules(model, ("RMSNorm",), dynamic)
 
 
 # --------------------------------------------------------------------------- image features
