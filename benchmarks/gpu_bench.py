@@ -221,6 +221,19 @@ def build_world(work: Path, scale: Scale, tiny: bool):
     return model_dir, data_dir, {"build_model_s": round(build_s, 1), "prepare_s": round(time.perf_counter() - t, 1)}
 
 
+def tool_setup(out: str, work: str, scale: Scale, tiny: bool) -> tuple[Device, Path, Path]:
+    """The device tools' common start (profile_train, profile_generate, train_levers): the device
+    (also this module's DEV), the output folder, and the world (model + prepared data) in
+    ``work``, built once and reused by the next tool of the same call."""
+    global DEV
+    DEV = Device()
+    out_dir, work_dir = Path(out), Path(work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (work_dir / "model").exists():
+        build_world(work_dir, scale, tiny)
+    return DEV, out_dir, work_dir
+
+
 class StepTimer:
     """Trainer callback: wall time of each optimizer step (synchronised), to time a steady window."""
 
@@ -557,7 +570,6 @@ def mfu_table(results: dict, model_dir: Path, data_dir: Path):
     train_flops = 2 * lm_forward_flops(fm, T, answer_tokens, T / 2) + vision_share
     # Generation: prefill of the prompt + one forward per new token (logits for each), vision
     # once per image for the six configurations.
-    gen = results["evaluation"]["project"]
     # New tokens per answer: counted on the guide's outputs (the same model, prompts and greedy
     # answers); the project's strings cannot be re-tokenized into the random model's ids.
     new = results["evaluation"]["guide"]["mean_new_tokens"]

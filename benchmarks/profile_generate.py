@@ -44,12 +44,8 @@ def main(argv=None) -> int:
     from vqatune.model import LoraSettings, attach_lora, load_base_model, load_processor
     from vqatune.speed import ImagePixelCache, maybe_install_image_feature_cache
 
-    gpu_bench.DEV = dev = gpu_bench.Device()
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
     scale = dataclasses.replace(gpu_bench.TINY if args.tiny else gpu_bench.FULL, gen_rows=args.rows)
-    if not (work / "model").exists():
-        gpu_bench.build_world(work, scale, args.tiny)
+    dev, out, work = gpu_bench.tool_setup(args.out, args.work, scale, args.tiny)
     results: dict = {"device": dev.name, "rows": args.rows, "batch": args.batch, "new_tokens": args.new_tokens}
 
     def save():

@@ -39,12 +39,8 @@ def main(argv=None) -> int:
     from vqatune.model import load_processor
     from vqatune.training import run_training
 
-    gpu_bench.DEV = dev = gpu_bench.Device()
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
     scale = dataclasses.replace(gpu_bench.TINY if args.tiny else gpu_bench.FULL, images=60 if not args.tiny else 12)
-    if not (work / "model").exists():
-        gpu_bench.build_world(work, scale, args.tiny)
+    dev, out, work = gpu_bench.tool_setup(args.out, args.work, scale, args.tiny)
     results = {"device": dev.name, "batch": args.batch}
 
     # The data loader alone.

@@ -9,7 +9,6 @@ benchmark is ``gpu_bench.py`` (project code). Run on the GPU machine:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import sys

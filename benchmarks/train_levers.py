@@ -18,7 +18,6 @@ Steps after ``--warmup`` are timed (synchronised), so compilation is not in the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -53,12 +52,8 @@ def main(argv=None) -> int:
 
     from vqatune.training import run_training
 
-    gpu_bench.DEV = dev = gpu_bench.Device()
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
     scale = gpu_bench.TINY if args.tiny else gpu_bench.FULL
-    if not (work / "model").exists():
-        gpu_bench.build_world(work, scale, args.tiny)
+    dev, out, work = gpu_bench.tool_setup(args.out, args.work, scale, args.tiny)
     results = {"device": dev.name, "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
                "gradient_checkpointing": args.checkpointing, "runs": {}}
     for run in args.runs:
