@@ -417,54 +417,35 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     cached, each image's pixels made once (img_id keys, one pixel cache for the six
     configurations), generate_answers over the six configurations; then batched vs one-at-a-time
     (without image keys: the parity check also compares the two encodings)."""
-    from vqatune.evaluation import EvaluateConfig, generation_levers, load_tuned_model
+    from vqatune.evaluation import EvaluateConfig, compiles_norms, generation_levers, load_tuned_model
     from vqatune.generation import generate_answers
-    from vqatune.speed import ImagePixelCache
+    from vqatune.speed import compile_norms
 
     cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
                          device=DEV.type, max_new_tokens=scale.new_tokens)
     test, messages, images = evaluation_inputs(data_dir, scale)
     model, processor = load_tuned_model(model_dir, adapter_dir, cfg)
-    compiled = cfg.compile is not False and DEV.type == "cuda"
+    compiled = compiles_norms(model, cfg)
     # First without compiled norms (the lever's yardstick), then as the evaluate stage runs.
     cache = generation_levers(model, dataclasses.replace(cfg, compile=False))
     uncompiled = None
-    for run in (["uncompiled"] if compiled else []) + ["default"]:
-        if run == "default" and compiled:
-            from vqatune.speed import compile_norms
-
-            compile_norms(model)
-        if cache is not None:
-            cache.store.clear()  # each run computes its images' features once, as a fresh stage would
-            cache.hits = cache.misses = 0
-        DEV.reset()
-        DEV.sync()
-        t = time.perf_counter()
-        # Warm-up, not timed: CUDA context, kernels, and the compilation of the RMSNorms (prefill
-        # and one-token shapes; dynamic sizes, so the timed batches reuse it).
-        generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
-                         max_new_tokens=2)
-        DEV.sync()
-        warmup_s = time.perf_counter() - t
-        image_keys, pixel_cache, timing = test["img_id"], ImagePixelCache(), {}
-        answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=image_keys,
-                                                 pixel_cache=pixel_cache,
-                                                 cache_implementation=cfg.cache_implementation, stats=timing)
-        seconds = sum(per_config)
-        n = sum(len(a) for a in answers.values())
-        if run == "uncompiled":
-            uncompiled = {"examples_per_s": n / seconds, "seconds_per_configuration": per_config,
-                          "timing": timing, "answers_equal_compiled": None}
-            uncompiled_answers = answers
-            log.info("project generation without compiled norms %s", uncompiled)
-    if uncompiled is not None:
-        uncompiled["answers_equal_compiled"] = sum(
-            a == b for key in answers for a, b in zip(answers[key], uncompiled_answers[key])) / n
+    if compiled:
+        plain = timed_six_configurations(model, processor, test, messages, images, cfg, cache)
+        log.info("project generation without compiled norms %s", plain["examples_per_s"])
+        compile_norms(model)
+    run = timed_six_configurations(model, processor, test, messages, images, cfg, cache)
+    answers, per_config, timing, pixel_cache = run["answers"], run["per_config"], run["timing"], run["pixel_cache"]
+    n = sum(len(a) for a in answers.values())
+    if compiled:
+        uncompiled = {"examples_per_s": plain["examples_per_s"], "seconds_per_configuration": plain["per_config"],
+                      "timing": plain["timing"],
+                      "answers_equal_compiled": sum(a == b for key in answers
+                                                    for a, b in zip(answers[key], plain["answers"][key])) / n}
     tok = processor.tokenizer
-    gen = {"examples_per_s": n / seconds, "examples": n, "configurations": 6, "batch": cfg.batch_size,
+    gen = {"examples_per_s": run["examples_per_s"], "examples": n, "configurations": 6, "batch": cfg.batch_size,
            "peak_gib": DEV.peak_gib(),
            "vision_forwards": cache.misses if cache else None, "cache_hits": cache.hits if cache else None,
-           "cache_implementation": cfg.cache_implementation, "warmup_s": warmup_s,
+           "cache_implementation": cfg.cache_implementation, "warmup_s": run["warmup_s"],
            "compiled_norms": compiled, "seconds_per_configuration": per_config, "without_compiled_norms": uncompiled,
            # seconds over the six configurations: waiting for CPU-encoded inputs, host->device,
            # model.generate (synchronised), decoding; images processed once vs rows reusing them
@@ -474,7 +455,7 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     if STATIC_CACHE:
         # Opt-in: on an H100 the compilation of MedGemma-4B's decoding step did not finish within
         # ~6 minutes (2026-11-27), longer than the whole evaluation it would speed up here.
-        gen["static_cache"] = static_cache_generation(model, processor, messages, images, image_keys,
+        gen["static_cache"] = static_cache_generation(model, processor, messages, images, test["img_id"],
                                                       pixel_cache, cfg)
 
     # Parity: the same model one row at a time (tuned and base, prompt mode none).
@@ -498,6 +479,32 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     gen["mean_prompt_text_tokens"] = prompt_tokens
     free(model)
     return gen, parity
+
+
+def timed_six_configurations(model, processor, test, messages, images, cfg, cache) -> dict:
+    """One timed evaluation as a fresh stage runs it: an empty feature cache, a warm-up (CUDA
+    context, kernels, and any compilation: dynamic sizes, so the timed batches reuse it), then
+    the six configurations with a new pixel cache."""
+    from vqatune.generation import generate_answers
+    from vqatune.speed import ImagePixelCache
+
+    if cache is not None:
+        cache.store.clear()
+        cache.hits = cache.misses = 0
+    DEV.reset()
+    DEV.sync()
+    t = time.perf_counter()
+    generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
+                     max_new_tokens=2)
+    DEV.sync()
+    warmup_s = time.perf_counter() - t
+    pixel_cache, timing = ImagePixelCache(), {}
+    answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=test["img_id"],
+                                             pixel_cache=pixel_cache, cache_implementation=cfg.cache_implementation,
+                                             stats=timing)
+    return {"answers": answers, "per_config": per_config, "timing": timing, "warmup_s": warmup_s,
+            "pixel_cache": pixel_cache,
+            "examples_per_s": sum(len(a) for a in answers.values()) / sum(per_config)}
 
 
 def six_configurations(model, processor, messages, images, cfg, *, image_keys, pixel_cache,
@@ -699,8 +706,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
                                                      if not isinstance(v, list)})
     fast, adapter_dir = project_training(model_dir, data_dir, work, scale, name="default")
-    fast["label"] = (f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache"
-                     + ")")
+    fast["label"] = f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache)"
     results["training"]["project_default"] = fast
     save()
     log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})
