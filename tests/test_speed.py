@@ -312,7 +312,7 @@ def test_compiled_norms_generate_what_the_eager_model_generates(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_compiled_layers_train_like_eager_layers(tiny_model_dir):
+def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tiny):
     # ~1-2 minutes of compilation on a CPU.
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -324,7 +324,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir):
         model.train()
         return model
 
-    processor = __import__("transformers").AutoProcessor.from_pretrained(tiny_model_dir)
+    _, processor = tiny
     batches = [_batch(processor, n, seed)[1] for n, seed in ((3, 0), (2, 1))]
     losses, grads = {}, {}
     for name in ("eager", "compiled"):
