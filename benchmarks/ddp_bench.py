@@ -40,8 +40,11 @@ SEARCH_TRIALS = {"full": 4, "tiny": 2}
 # --------------------------------------------------------------------------- one training run
 
 def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True,
-              compile: bool = False) -> None:
-    """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off."""
+              compile: bool = False, accumulation: int = 1) -> None:
+    """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off.
+
+    The global batch is gpu_bench's batch x ``accumulation``; the train stage's own rule
+    (``distributed.split_global_batch``) decides what each process runs."""
     import gpu_bench
     import torch
 
@@ -54,7 +57,7 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     size = "tiny" if tiny else "full"
     cfg = gpu_bench.project_train_config(gpu_bench.TINY if tiny else gpu_bench.FULL, lora_dropout=0.0,
                                          max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing,
-                                         compile=compile)
+                                         compile=compile, gradient_accumulation_steps=accumulation)
     timer = gpu_bench.StepTimer()
     gpu_bench.DEV.reset()
     result = run_training(cfg, work / "model", work / "processed", work / f"adapter_{name}",
@@ -64,12 +67,18 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     first = TIMED_FROM[size]
     timed = [s for s in sorted(timer.times) if s > first]
     seconds = timer.times[timed[-1]] - timer.times[first]
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    per_process, steps = distributed.split_global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                                        distributed.world_size())
+    ordered = sorted(timer.times)
+    step_s = {s: round(timer.times[s] - timer.times[p], 3) for p, s in zip(ordered, ordered[1:])}
     losses = [h["loss"] for h in result.log_history if "loss" in h and "eval_loss" not in h]
     result_path.write_text(json.dumps({
         "processes": distributed.world_size(), "device": result.device,
-        "examples_per_s": len(timed) * cfg.batch_size / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
-        "global_batch": cfg.batch_size, "gradient_checkpointing": checkpointing, "compile": compile,
-        "precompute_image_features": cfg.precompute_image_features, "per_process_batch": cfg.batch_size // distributed.world_size(),
+        "examples_per_s": len(timed) * global_batch / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
+        "global_batch": global_batch, "gradient_checkpointing": checkpointing, "compile": compile,
+        "precompute_image_features": cfg.precompute_image_features, "per_process_batch": per_process,
+        "accumulation_steps": steps, "step_s": step_s,
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
         "losses": losses, "eval_loss": result.eval_loss, "steps": result.steps,
     }, indent=2) + "\n")
@@ -78,13 +87,14 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
 # --------------------------------------------------------------------------- the driver
 
 def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
-                    compile: bool = False) -> dict:
+                    compile: bool = False, accumulation: int = 1) -> dict:
     from vqatune.distributed import launch_command
 
     result = work / f"train_{processes}.json"
     command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{processes}",
                                               "--result", str(result)] + (["--tiny"] if tiny else [])
-                             + ([] if checkpointing else ["--no-checkpointing"]) + (["--compile"] if compile else []),
+                             + ([] if checkpointing else ["--no-checkpointing"]) + (["--compile"] if compile else [])
+                             + ["--accumulation", str(accumulation)],
                              processes, config_file=REPO / "configs/accelerate/ddp.yaml")
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
@@ -159,11 +169,12 @@ def write_report(results: dict, out: Path) -> None:
     lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
              f"896 px; nf4 QLoRA, sdpa, gradient checkpointing {'on' if one.get('gradient_checkpointing', True) else 'off'}, "
              f"image cache, LoRA on the MLP, global batch {one['global_batch']}.",
-             "", "| processes | per-process batch | examples/s | scaling | peak GiB (main) | wall s |",
+             "", "| processes | per-process batch x accumulation | examples/s | scaling | peak GiB (main) | wall s |",
              "|---|---|---|---|---|---|"]
     for key in sorted(results["training"], key=int):
         r = results["training"][key]
-        lines.append(f"| {r['processes']} | {r['per_process_batch']} | {r['examples_per_s']:.2f} | "
+        lines.append(f"| {r['processes']} | {r['per_process_batch']} x {r.get('accumulation_steps', 1)} | "
+                     f"{r['examples_per_s']:.2f} | "
                      f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
     c = results["curves"]
     lines += ["", f"Loss curves over {c['steps']} steps (same batches, dropout off): mean |1 - {results['gpus']}| "
@@ -209,6 +220,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="gradient checkpointing off (more memory, no recompute)")
     ap.add_argument("--compile", action="store_true", help="train.compile on (regional torch.compile)")
+    ap.add_argument("--accumulation", type=int, default=2,
+                    help="one GPU's accumulation steps: the global batch is 32 x this (the stage cuts "
+                         "accumulation first on N GPUs); 1 halves the per-process batch instead")
     ap.add_argument("--name")
     ap.add_argument("--result")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the loss curves and exit")
@@ -218,7 +232,8 @@ def main(argv=None) -> int:
         plot(Path(args.plot[0]), Path(args.plot[1]))
         return 0
     if args.mode == "_train":
-        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, args.compile)
+        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, args.compile,
+                  args.accumulation)
         return 0
 
     import gpu_bench
@@ -241,7 +256,8 @@ def main(argv=None) -> int:
     results["training"] = {}
     for processes in (1, args.gpus):
         results["training"][str(processes)] = launch_training(work, processes, args.tiny, env,
-                                                              not args.no_checkpointing, args.compile)
+                                                              not args.no_checkpointing, args.compile,
+                                                              args.accumulation)
         save()
         log.info("%d process(es): %s", processes,
                  {k: v for k, v in results["training"][str(processes)].items() if k != "losses"})

@@ -22,10 +22,16 @@ from vqatune.config import ConfigError, load_params
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_global_batch_is_kept_by_splitting_the_batch_first_then_accumulation():
+def test_global_batch_is_kept_by_cutting_accumulation_first_then_the_batch():
     assert distributed.split_global_batch(16, 1, 1) == (16, 1)
-    assert distributed.split_global_batch(16, 1, 2) == (8, 1)
+    assert distributed.split_global_batch(32, 2, 2) == (32, 1)   # each GPU keeps its micro-batch
+    assert distributed.split_global_batch(16, 4, 2) == (16, 2)
+    assert distributed.split_global_batch(16, 1, 2) == (8, 1)    # nothing to cut: the batch splits
+    assert distributed.split_global_batch(16, 2, 4) == (8, 1)    # both halve
     assert distributed.split_global_batch(3, 4, 2) == (3, 2)
+    for batch, accumulation, processes in [(32, 2, 2), (16, 1, 2), (16, 2, 4), (6, 3, 2), (8, 6, 4)]:
+        per_process, steps = distributed.split_global_batch(batch, accumulation, processes)
+        assert per_process * steps * processes == batch * accumulation
     with pytest.raises(ConfigError, match="train.batch_size: 3 .* multiple of 2"):
         distributed.split_global_batch(3, 3, 2)
 
@@ -53,7 +59,7 @@ def test_launch_command_is_an_argument_list_with_the_committed_config():
 
 def _train(tmp_path: Path, name: str, model_dir, data_dir, processes: int) -> tuple[dict, dict, list]:
     params = load_params(REPO / "params.yaml")
-    params["train"] = {**params["train"], "max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 1,
+    params["train"] = {**params["train"], "max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 2,
                        "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_rows": 8,
                        "num_processes": processes, "lora": {**params["train"]["lora"], "dropout": 0.0}}
     folder = tmp_path / name
@@ -79,8 +85,9 @@ def test_two_processes_train_what_one_does_and_only_the_main_one_writes(tiny_mod
 
     assert "(DDP)" in two["device"] and two["device"].startswith("2 x ") and "DDP" not in one["device"]
     assert one["steps"] == two["steps"] == 4 and one["train_rows"] == two["train_rows"]
-    # Same global batch, same order, no dropout: the curves and the adapter agree up to the
-    # order of the gradient sums (gloo all-reduce vs one backward).
+    # Same global batch (one process: 2 rows x 2 accumulation steps; two: 2 rows each, no
+    # accumulation), same order, no dropout: the curves and the adapter agree up to the order
+    # of the gradient sums (gloo all-reduce vs one backward).
     assert len(one_losses) == len(two_losses) == 4
     assert max(abs(a - b) for a, b in zip(one_losses, two_losses)) < 1e-3, (one_losses, two_losses)
     assert abs(one["eval_loss"] - two["eval_loss"]) < 1e-3

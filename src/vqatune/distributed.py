@@ -7,12 +7,15 @@ and waits. Each process then loads the model on its own GPU (QLoRA included), th
 it in DDP, and only the main process writes the adapter, the metrics, the curves and the card.
 
 The global batch stays what params.yaml says (``batch_size`` x ``gradient_accumulation_steps``,
-the one-GPU run), so two GPUs train the same examples per optimizer step as one: each process
-takes ``batch_size / N`` rows, and accelerate hands the processes consecutive slices of the
-same shuffled order, which together are the one-GPU batch.
+the one-GPU run), so N GPUs train the same examples per optimizer step as one. The accumulation
+steps shrink first: ``batch_size`` is the micro-batch a card runs best at, so each GPU keeps it
+and N GPUs do in one pass what one GPU did in N accumulation passes. Only what accumulation
+cannot absorb shrinks the per-process batch. accelerate hands process i every N-th batch of the
+same shuffled order, so each optimizer step sees the same rows as the one-GPU run.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -67,19 +70,19 @@ def resolve_num_processes(configured: Union[int, str], environ=os.environ) -> in
 def split_global_batch(batch_size: int, accumulation: int, processes: int) -> tuple[int, int]:
     """(per-process batch, accumulation steps) that keep the global batch ``batch_size x accumulation``.
 
-    The per-process batch shrinks first (same number of optimizer steps, less memory per GPU);
-    when ``batch_size`` does not split evenly, the accumulation steps do.
+    Accumulation shrinks first, so every GPU keeps the micro-batch a card was tuned for (on an
+    H100 a micro-batch of 16 is CPU-bound where 32 is not: halving it on two GPUs throws away
+    most of the second GPU, benchmarks/results/ddp_bench_h100x2_*.md). The per-process batch
+    shrinks by whatever factor of ``processes`` the accumulation cannot take.
     """
-    if processes == 1:
-        return batch_size, accumulation
-    if batch_size % processes == 0:
-        return batch_size // processes, accumulation
-    if accumulation % processes == 0:
-        return batch_size, accumulation // processes
-    raise ConfigError(
-        f"train.batch_size: {batch_size} x gradient_accumulation_steps {accumulation} cannot be split "
-        f"evenly over {processes} processes; make batch_size or gradient_accumulation_steps a multiple "
-        f"of {processes}")
+    shared = math.gcd(accumulation, processes)
+    rest = processes // shared
+    if batch_size % rest:
+        raise ConfigError(
+            f"train.batch_size: {batch_size} x gradient_accumulation_steps {accumulation} cannot be split "
+            f"evenly over {processes} processes; make gradient_accumulation_steps (or batch_size) a "
+            f"multiple of {processes}")
+    return batch_size // rest, accumulation // shared
 
 
 def launch_command(script: str | Path, argv: Sequence[str], processes: int, *,

@@ -331,6 +331,9 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         max_length=None,
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_pin_memory=device.startswith("cuda"),
+        # Workers live across epochs: a new epoch otherwise forks N new workers from a process
+        # that holds the model, and every GPU waits for their first batches.
+        dataloader_persistent_workers=cfg.dataloader_num_workers > 0,
         # Several CPU processes (tests, GPU-less machines) talk over gloo: accelerate's multi-CPU
         # mode needs use_cpu. Every trainable weight gets a gradient each step (the image-feature
         # cache refuses adapters on the vision tower), so DDP skips its search for unused ones.
