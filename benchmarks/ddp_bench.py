@@ -243,7 +243,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or "/tmp/ddp_work")
     work.mkdir(parents=True, exist_ok=True)
-    scale = gpu_bench.TINY if args.tiny else gpu_bench.FULL
+    # Every timed step inside one epoch, as on a real split (Kvasir-VQA: ~800 steps of 64 per
+    # epoch). An epoch's first step waits for the loader's first batches (~3.5 s on the H100 box),
+    # and its ragged last batch is split differently on 1 and N processes (accelerate pads the
+    # last round with rows from the start), which gpu_bench's 800-row world crossed three times
+    # in 40 steps of 64 (results/ddp_bench_h100x2_accumulation.md: curves apart from step 13).
+    scale = gpu_bench.TINY if args.tiny else dataclasses.replace(gpu_bench.FULL, images=480, test_size=0.1)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "gpus": args.gpus, "torch": torch.__version__, "scale": dataclasses.asdict(scale)}
@@ -253,6 +258,13 @@ def main(argv=None) -> int:
 
     if not (work / "model").exists():
         _, _, results["world"] = gpu_bench.build_world(work, scale, args.tiny)
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(work / "processed"))["train"].num_rows
+    needed = TRAIN_STEPS["tiny" if args.tiny else "full"] * (scale.train_batch * args.accumulation)
+    results["train_rows"] = rows
+    if rows < needed:
+        log.warning("%d train rows < %d: the timed steps cross an epoch boundary", rows, needed)
     results["training"] = {}
     for processes in (1, args.gpus):
         results["training"][str(processes)] = launch_training(work, processes, args.tiny, env,
