@@ -150,10 +150,11 @@ def guide_loss(model, batch):
     return model(**batch).loss  # logits over the whole vocabulary at every position
 
 
-def project_parity_model(model_dir, upcast: bool = False):
+def project_parity_model(model_dir, upcast: bool = False, fp32_residual: bool = True):
     """The project's training set-up (vqatune.model + vqatune.speed + TRL's loss), guide's LoRA;
-    ``upcast``: with peft's fp32 upcast of the frozen weights, as the guide has it (to isolate
-    what the upcast alone does to the curve)."""
+    ``upcast``: with peft's fp32 upcast of the frozen weights, as the guide has it;
+    ``fp32_residual=False``: the bf16 residual stream the project trained with before
+    2026-11-27's fifth session (to show what the fp32 stream changes in the curve)."""
     from trl.trainer.utils import add_fused_lm_head
 
     from vqatune.model import LoraSettings, attach_lora, load_base_model, prepare_for_kbit_training
@@ -166,7 +167,8 @@ def project_parity_model(model_dir, upcast: bool = False):
 
         model = freeze_for_kbit_training(model, upcast_to_fp32=True, gradient_checkpointing=True)
     else:
-        model = prepare_for_kbit_training(model, gradient_checkpointing=True)
+        model = prepare_for_kbit_training(model, gradient_checkpointing=True,
+                                          fp32_residual=fp32_residual)
     model = attach_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, target_modules="mlp"))
     maybe_install_image_feature_cache(model, training=True)
     # What SFTTrainer does: log-probs of labelled positions only, in tiles (CUDA).
@@ -336,13 +338,15 @@ def loss_parity(model_dir, data_dir, scale: Scale):
         _, curves[run], _ = train_loop(model, batches, project_loss, warmup=0, seed=0 if run == "same_init" else 1)
     free(model)
     del model
-    # The project's levers with the guide's fp32 upcast: how much of the gap is the upcast.
-    model = project_parity_model(model_dir, upcast=True)
-    cast_adapters_like_sft_trainer(model)
-    model.load_state_dict(init, strict=False)
-    _, curves["upcast"], _ = train_loop(model, batches, project_loss, warmup=0)
-    free(model)
-    del model
+    # The project's levers with the guide's fp32 upcast of the weights, and with a bf16
+    # residual stream (what the project did before): which one the guide's curve follows.
+    for run, kwargs in (("upcast", {"upcast": True}), ("bf16_residual", {"fp32_residual": False})):
+        model = project_parity_model(model_dir, **kwargs)
+        cast_adapters_like_sft_trainer(model)
+        model.load_state_dict(init, strict=False)
+        _, curves[run], _ = train_loop(model, batches, project_loss, warmup=0)
+        free(model)
+        del model
 
     def mean_abs(a, b):
         return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
@@ -351,6 +355,8 @@ def loss_parity(model_dir, data_dir, scale: Scale):
               "project_dropout_seed_1": curves["dropout_seed_1"], "project_seed_1": curves["seed_1"],
               "project_fp32_upcast": curves["upcast"],
               "mean_abs_gap_with_upcast": mean_abs(guide_losses, curves["upcast"]),
+              "project_bf16_residual": curves["bf16_residual"],
+              "mean_abs_gap_bf16_residual": mean_abs(guide_losses, curves["bf16_residual"]),
               "mean_abs_gap": mean_abs(guide_losses, curves["same_init"]),
               "max_abs_gap": max(abs(x - y) for x, y in zip(guide_losses, curves["same_init"])),
               "mean_abs_noise_dropout": mean_abs(curves["dropout_seed_1"], curves["same_init"]),
@@ -647,8 +653,10 @@ def write_report(results: dict, out: Path):
               f"max {p['max_abs_gap']:.4f}; noise: project reseeded (adapter init + dropout) mean "
               f"{p['mean_abs_noise_seed']:.4f}, dropout seed only {p['mean_abs_noise_dropout']:.4f}: "
               f"{'within noise' if p['within_noise'] else 'NOT within noise'}"
-              + (f"; the project's levers with the guide's fp32 upcast: mean gap {p['mean_abs_gap_with_upcast']:.4f}."
-                 if "mean_abs_gap_with_upcast" in p else "."),
+              + (f"; the project's levers with the guide's fp32 upcast: mean gap {p['mean_abs_gap_with_upcast']:.4f}"
+                 if "mean_abs_gap_with_upcast" in p else "")
+              + (f"; with a bf16 residual stream (before train.fp32_residual): mean gap "
+                 f"{p['mean_abs_gap_bf16_residual']:.4f}." if "mean_abs_gap_bf16_residual" in p else "."),
               f"Generation parity: {100 * q['share_identical']:.1f}% of {q['rows']} batched answers identical to "
               "one-at-a-time answers of the same model."]
     text = "\n".join(lines) + "\n"
@@ -663,6 +671,8 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help="scratch folder (model, data, adapters); default: a temp dir")
     ap.add_argument("--tiny", action="store_true", help="the builtin tiny model on CPU (smoke test)")
     ap.add_argument("--parity-rows", type=int, help="rows generated one at a time for the parity check")
+    ap.add_argument("--parity-only", action="store_true",
+                    help="only the training loss-parity runs (gpu_bench_parity.json)")
     ap.add_argument("--static-cache", action="store_true",
                     help="also time generation with a static KV cache (compiled decoding)")
     args = ap.parse_args(argv)
@@ -677,7 +687,19 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
+        if args.parity_only:
+            return run_parity(work, out, scale, args.tiny)
         return run(work, out, scale, args.tiny)
+
+
+def run_parity(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
+    """The loss-parity runs alone (a device call too short for the whole benchmark)."""
+    model_dir, data_dir, world = build_world(work, scale, tiny)
+    guide, parity = loss_parity(model_dir, data_dir, scale)
+    results = {"device": DEV.name, "torch": torch.__version__, "world": world, "guide": guide, "parity": parity}
+    (out / "gpu_bench_parity.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    log.info("parity %s", {k: v for k, v in parity.items() if not isinstance(v, list)})
+    return results
 
 
 def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:

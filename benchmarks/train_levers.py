@@ -10,6 +10,8 @@ here is ``vqatune.training.run_training`` with the project's benchmark config an
 - ``compile``: ``train.compile`` (regional ``torch.compile`` of the transformer layers);
 - ``no_cudnn_sdpa``: PyTorch's cuDNN attention backend off (its per-call CPU cost was ~1 ms),
   so SDPA takes the memory-efficient kernel.
+- ``bf16_residual``: ``train.fp32_residual`` off (the residual stream in bf16, as before
+  2026-11-27's fifth session): what the fp32 stream costs.
 
 Steps after ``--warmup`` are timed (synchronised), so compilation is not in the number.
 
@@ -31,6 +33,8 @@ VARIANTS = {
     "no_cudnn_sdpa": {"cudnn_sdpa": False},
     "compile": {"compile": True},
     "compile_no_cudnn_sdpa": {"compile": True, "cudnn_sdpa": False},
+    "bf16_residual": {"fp32_residual": False},
+    "compile_bf16_residual": {"compile": True, "fp32_residual": False},
 }
 
 

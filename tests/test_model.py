@@ -81,6 +81,37 @@ def test_kbit_preparation_keeps_dtypes_and_freezes(tiny_model_dir):
     free_model(model)
 
 
+@pytest.mark.parametrize("fp32_residual", [True, False])
+def test_fp32_residual_keeps_a_small_lora_update_that_a_bf16_stream_rounds_away(tiny_model_dir, fp32_residual):
+    """A LoRA update far below half a bf16 step of the layer output it joins (what AdamW's first
+    steps from a zero LoRA B are) survives in an fp32 stream and is rounded away in a bf16 one."""
+    model = load_base_model(tiny_model_dir, quantization="4bit", compute_dtype="bfloat16",
+                            dtype="bfloat16", device="cpu")
+    model = prepare_for_kbit_training(model, gradient_checkpointing=False, fp32_residual=fp32_residual)
+    model = attach_lora(model, LoraSettings(r=4, alpha=4, dropout=0.0, target_modules="mlp"))
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.down_proj"))
+    seen = {}
+    layer.register_forward_hook(lambda module, args, output: seen.update(x=args[0], out=output))
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16]])
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer's bf16 runs
+        model(input_ids=ids)
+        before = seen["out"].float()
+        update = torch.full_like(layer.lora_B["default"].weight, 1e-6)
+        layer.lora_B["default"].weight.copy_(update)
+        model(input_ids=ids)
+        after = seen["out"].float()
+    x, a = seen["x"].float(), layer.lora_A["default"].weight.float()
+    expected = x @ a.T @ update.float().T * layer.scaling["default"]  # fp32, outside autocast
+    assert seen["out"].dtype == (torch.float32 if fp32_residual else torch.bfloat16)
+    assert expected.abs().max() < 1e-3 * before.abs().max()  # far below one bf16 step of the output
+    if fp32_residual:
+        torch.testing.assert_close(after - before, expected, rtol=0.05, atol=1e-7)
+    else:
+        assert (after == before).float().mean() > 0.9  # the update is lost in bf16 rounding
+    free_model(model)
+
+
 def test_free_model_releases_model_and_trainer_like_holders(tiny_model_dir):
     model = attach_lora(load_base_model(tiny_model_dir, device="cpu"), LoraSettings())
     ref = weakref.ref(model)

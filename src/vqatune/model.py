@@ -135,16 +135,16 @@ def load_base_model(model_dir: str | Path, *, quantization: str = "none",
     return model
 
 
-def prepare_for_kbit_training(model, gradient_checkpointing: bool = True):
-    """What training a (quantized) base model needs, without peft's fp32 upcast.
+def prepare_for_kbit_training(model, gradient_checkpointing: bool = True, *, fp32_residual: bool = True):
+    """What training a (quantized) base model needs, without peft's fp32 upcast of the weights.
 
     peft's ``prepare_model_for_kbit_training`` casts every non-quantized weight (embeddings,
     norms, the vision tower) to fp32: on an H100 the guide's recipe peaks at ~40 GiB for one
-    example (shared/reference/gpu-anchor.md; 27 GiB at batch 4 without it). The base stays frozen
-    in its loaded dtype; the LoRA weights are fp32 anyway (peft's autocast_adapter_dtype), so
-    the upcast buys nothing but memory. What is kept: frozen base weights, no KV cache, and,
-    with gradient checkpointing, inputs that require grad so the checkpointed blocks of a fully
-    frozen model still backpropagate into the adapters.
+    example (shared/reference/gpu-anchor.md; 27 GiB at batch 4 without it). Here the base stays
+    frozen in its loaded dtype. What the upcast did buy, an fp32 residual stream, is kept with
+    ``fp32_residual`` (see ``keep_residual_stream_fp32``). Also: no KV cache, and with gradient
+    checkpointing, inputs that require grad so the checkpointed blocks of a fully frozen model
+    still backpropagate into the adapters.
     """
     for param in model.parameters():
         param.requires_grad_(False)
@@ -155,7 +155,35 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool = True):
         # Non-reentrant checkpointing: the reentrant kind drops grads when no input needs them.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if fp32_residual:
+        keep_residual_stream_fp32(model)
     return model
+
+
+def keep_residual_stream_fp32(model):
+    """Run the language model's residual stream in fp32; the weights keep their dtype.
+
+    The token embeddings' output is cast to fp32, so the image features merged into it, every
+    residual sum and each Gemma RMSNorm's output (``type_as`` its input) are fp32; matmuls stay
+    bf16 under autocast, and bitsandbytes casts each 4-bit layer's output back to its input's
+    dtype, so peft adds a LoRA update to an fp32 value. In a bf16 stream an update smaller than
+    half a bf16 step of that value (~0.004 at magnitude 1) is rounded away, which is what
+    AdamW's first steps from a zero LoRA B are at lr 2e-4 (about 2/3 of the change survived on
+    CPU). This is what peft's fp32 upcast of norms and embeddings gave the guide, without fp32
+    weights. Returns the hook handle, or None when the embeddings are fp32 already.
+    (With ``quantization: none`` the base linear's output is bf16 under autocast, so the LoRA
+    sum itself stays bf16; only the residual stream is fp32 there.)
+    """
+    import torch
+
+    embeddings = model.get_input_embeddings()
+    if embeddings.weight.dtype == torch.float32:
+        return None
+    return embeddings.register_forward_hook(_output_in_fp32)
+
+
+def _output_in_fp32(module, args, output):
+    return output.float()
 
 
 def lora_target_regex(target_modules: str, vision_tower: bool) -> str:

@@ -65,6 +65,12 @@ class TrainConfig:
     # vision tower's changing batch recompiled; the first steps pay ~2 min of compilation. Off
     # until it wins with the defaults.
     compile: bool = False
+    # The language model's residual stream in fp32 while its weights stay bf16 (or nf4). In a
+    # bf16 stream an adapter's early updates are smaller than half a bf16 step of the layer
+    # output they are added to and round away: on MedGemma-4B shapes the first AdamW step bought
+    # 0.68 of the loss drop the guide's fp32 recipe got (benchmarks/results/gpu_bench_h100.json),
+    # and at lr 5e-5 none of it (CPU, nf4, scaled tiny model). No effect on fp32 models.
+    fp32_residual: bool = True
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
     # Data. The prompt mode trained on (evaluation still tries all three).
@@ -431,7 +437,9 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     model = load_base_model(model_dir, quantization=train_cfg.quantization, compute_dtype=compute_dtype,
                             dtype=train_cfg.dtype, attn_implementation=train_cfg.attn_implementation,
                             trust_remote_code=trust_remote_code, device=device)
-    model = prepare_for_kbit_training(model, train_cfg.gradient_checkpointing)
+    # An fp32 stream needs autocast (mixed precision) to feed the bf16 weights' matmuls.
+    model = prepare_for_kbit_training(model, train_cfg.gradient_checkpointing,
+                                      fp32_residual=train_cfg.fp32_residual and precision in ("bf16", "fp16"))
     model = attach_lora(model, train_cfg.lora)
     feature_cache = maybe_install_image_feature_cache(model, training=True,
                                                       enabled=train_cfg.cache_image_features)
