@@ -40,7 +40,7 @@ SEARCH_TRIALS = {"full": 4, "tiny": 2}
 # --------------------------------------------------------------------------- one training run
 
 def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True,
-              compile: bool = False, accumulation: int = 1) -> None:
+              compile: bool = True, accumulation: int = 1) -> None:
     """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off.
 
     The global batch is gpu_bench's batch x ``accumulation``; the train stage's own rule
@@ -57,7 +57,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     size = "tiny" if tiny else "full"
     cfg = gpu_bench.project_train_config(gpu_bench.TINY if tiny else gpu_bench.FULL, lora_dropout=0.0,
                                          max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing,
-                                         compile=compile, gradient_accumulation_steps=accumulation)
+                                         compile=None if compile else False,  # None: the stage's default
+                                         gradient_accumulation_steps=accumulation)
     timer = gpu_bench.StepTimer()
     gpu_bench.DEV.reset()
     result = run_training(cfg, work / "model", work / "processed", work / f"adapter_{name}",
@@ -76,7 +77,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     result_path.write_text(json.dumps({
         "processes": distributed.world_size(), "device": result.device,
         "examples_per_s": len(timed) * global_batch / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
-        "global_batch": global_batch, "gradient_checkpointing": checkpointing, "compile": compile,
+        "global_batch": global_batch, "gradient_checkpointing": checkpointing,
+        "compile": compile and gpu_bench.DEV.type == "cuda",
         "precompute_image_features": cfg.precompute_image_features, "per_process_batch": per_process,
         "accumulation_steps": steps, "step_s": step_s,
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
@@ -87,13 +89,13 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
 # --------------------------------------------------------------------------- the driver
 
 def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
-                    compile: bool = False, accumulation: int = 1) -> dict:
+                    compile: bool = True, accumulation: int = 1) -> dict:
     from vqatune.distributed import launch_command
 
     result = work / f"train_{processes}.json"
     command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{processes}",
                                               "--result", str(result)] + (["--tiny"] if tiny else [])
-                             + ([] if checkpointing else ["--no-checkpointing"]) + (["--compile"] if compile else [])
+                             + ([] if checkpointing else ["--no-checkpointing"]) + ([] if compile else ["--no-compile"])
                              + ["--accumulation", str(accumulation)],
                              processes, config_file=REPO / "configs/accelerate/ddp.yaml")
     start = time.perf_counter()
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-search", action="store_true")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="gradient checkpointing off (more memory, no recompute)")
-    ap.add_argument("--compile", action="store_true", help="train.compile on (regional torch.compile)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="train.compile off (its default, null, compiles the layers with CUDA)")
     ap.add_argument("--accumulation", type=int, default=2,
                     help="one GPU's accumulation steps: the global batch is 32 x this (the stage cuts "
                          "accumulation first on N GPUs); 1 halves the per-process batch instead")
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
         plot(Path(args.plot[0]), Path(args.plot[1]))
         return 0
     if args.mode == "_train":
-        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, args.compile,
+        train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, not args.no_compile,
                   args.accumulation)
         return 0
 
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
     results["training"] = {}
     for processes in (1, args.gpus):
         results["training"][str(processes)] = launch_training(work, processes, args.tiny, env,
-                                                              not args.no_checkpointing, args.compile,
+                                                              not args.no_checkpointing, not args.no_compile,
                                                               args.accumulation)
         save()
         log.info("%d process(es): %s", processes,

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                "gradient_checkpointing": args.checkpointing, "runs": {}}
     for run in args.runs:
         variant, batch = run.split("@")
-        lever = dict(VARIANTS[variant])
+        lever = {"compile": False, **VARIANTS[variant]}  # train.compile's default is on with CUDA
         cudnn = lever.pop("cudnn_sdpa", True)
         if dev.type == "cuda":
             torch.backends.cuda.enable_cudnn_sdp(cudnn)

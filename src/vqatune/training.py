@@ -59,12 +59,12 @@ class TrainConfig:
     # batch compositions: on the tiny model on CPU, losses agree to ~1e-4).
     precompute_image_features: bool = True
     # torch.compile each transformer layer (vqatune.speed.compile_layers): fewer, fused kernels
-    # for a step that is otherwise CPU-bound on a fast GPU. Measured on an H100 (benchmarks/
-    # results/train_levers_h100.json, before precompute_image_features): 1.47x at batch 16
-    # without checkpointing, but no gain at batch 32 with checkpointing and stalls where the
-    # vision tower's changing batch recompiled; the first steps pay ~2 min of compilation. Off
-    # until it wins with the defaults.
-    compile: bool = False
+    # for a step that is otherwise CPU-bound on a fast GPU. null = on with CUDA, off on CPU.
+    # H100, MedGemma-4B shapes, batch 32, checkpointing, precomputed features (benchmarks/
+    # results/ddp_bench_h100x2_*.json, train_levers_h100*.json): ~1.6x in steady state; the first
+    # steps pay 1-1.5 min of compilation, and a new shape can still recompile once (one stall of
+    # 32 s in 40 steps was seen). Where compiling fails, the layers run eagerly.
+    compile: Optional[bool] = None
     # The language model's residual stream in fp32 while its weights stay bf16 (or nf4). In a
     # bf16 stream an adapter's early updates are smaller than half a bf16 step of the layer
     # output they are added to and round away: on MedGemma-4B shapes the first AdamW step bought
@@ -200,6 +200,8 @@ class TrainResult:
     quantization: str
     compute_dtype: str
     precision: str
+    fp32_residual: bool          # the residual stream ran in fp32 (train.fp32_residual with mixed precision)
+    compiled_layers: int         # transformer layers compiled (train.compile; 0 = eager)
     resumed: bool
     resumed_from_step: int
     partial: bool
@@ -438,16 +440,18 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
                             dtype=train_cfg.dtype, attn_implementation=train_cfg.attn_implementation,
                             trust_remote_code=trust_remote_code, device=device)
     # An fp32 stream needs autocast (mixed precision) to feed the bf16 weights' matmuls.
-    model = prepare_for_kbit_training(model, train_cfg.gradient_checkpointing,
-                                      fp32_residual=train_cfg.fp32_residual and precision in ("bf16", "fp16"))
+    fp32_residual = train_cfg.fp32_residual and precision in ("bf16", "fp16")
+    model = prepare_for_kbit_training(model, train_cfg.gradient_checkpointing, fp32_residual=fp32_residual)
     model = attach_lora(model, train_cfg.lora)
     feature_cache = maybe_install_image_feature_cache(model, training=True,
                                                       enabled=train_cfg.cache_image_features)
-    if train_cfg.compile:
+    compiled_layers = 0
+    if train_cfg.compile or (train_cfg.compile is None and device.startswith("cuda")):
         # With cached features the vision tower runs only before the first step (no_grad): its
         # layers are left eager there, and compile time goes to the language model.
         towers = ("DecoderLayer",) if feature_cache is not None else ("DecoderLayer", "EncoderLayer")
-        log.info("torch.compile: %d layers (the first steps compile)", compile_layers(model, towers=towers))
+        compiled_layers = compile_layers(model, towers=towers)
+        log.info("torch.compile: %d layers (the first steps compile)", compiled_layers)
     trainable, total = trainable_parameters(model)
 
     # Training
@@ -515,6 +519,8 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
         quantization=train_cfg.quantization,
         compute_dtype=compute_dtype,
         precision=precision,
+        fp32_residual=fp32_residual,
+        compiled_layers=compiled_layers,
         resumed=checkpoint is not None,
         resumed_from_step=resumed_from,
         partial=interrupted,
