@@ -80,7 +80,7 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
         "processes": distributed.world_size(), "device": result.device,
         "examples_per_s": len(timed) * global_batch / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
         "global_batch": global_batch, "gradient_checkpointing": checkpointing,
-        "compile": compile and gpu_bench.DEV.type == "cuda",
+        "compile": result.compiled_layers > 0,
         "precompute_image_features": cfg.precompute_image_features, "per_process_batch": per_process,
         "accumulation_steps": steps, "step_s": step_s,
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,

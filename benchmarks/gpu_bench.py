@@ -294,7 +294,8 @@ def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str
            "run_examples_per_s": result.examples_per_s, "peak_gib": result.peak_memory_gib,
            "batch": cfg.batch_size, "gradient_checkpointing": cfg.gradient_checkpointing,
            "cache_image_features": cfg.cache_image_features, "losses": losses,
-           "trainable_params": result.trainable_params}
+           "trainable_params": result.trainable_params, "fp32_residual": result.fp32_residual,
+           "compiled_layers": result.compiled_layers}
     return out, adapter_dir
 
 
@@ -728,7 +729,9 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
                                                      if not isinstance(v, list)})
     fast, adapter_dir = project_training(model_dir, data_dir, work, scale, name="default")
-    fast["label"] = f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache)"
+    fast["label"] = (f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache"
+                     + (", fp32 residual stream" if fast["fp32_residual"] else "")
+                     + (", compiled layers" if fast["compiled_layers"] else "") + ")")
     results["training"]["project_default"] = fast
     save()
     log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})

@@ -342,3 +342,9 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tiny):
     assert grads["compiled"].keys() == grads["eager"].keys() and grads["eager"]
     for n, g in grads["eager"].items():
         assert torch.allclose(grads["compiled"][n], g, rtol=1e-3, atol=1e-5), n
+
+
+def test_compile_setting_null_means_on_with_cuda_only():
+    assert speed.compile_wanted(None, "cuda") and speed.compile_wanted(None, "cuda:1")
+    assert not speed.compile_wanted(None, "cpu")
+    assert speed.compile_wanted(True, "cpu") and not speed.compile_wanted(False, "cuda")

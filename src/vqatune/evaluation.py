@@ -170,10 +170,10 @@ def generation_levers(model, cfg: EvaluateConfig):
 
 
 def compiles_norms(model, cfg: EvaluateConfig) -> bool:
-    """``evaluate.compile``: true, false, or null = on with a CUDA device."""
-    if cfg.compile is not None:
-        return cfg.compile
-    return model.get_input_embeddings().weight.device.type == "cuda"
+    """``evaluate.compile`` for ``model`` (null = on when it sits on a CUDA device)."""
+    from .speed import compile_wanted
+
+    return compile_wanted(cfg.compile, model.get_input_embeddings().weight.device.type)
 
 
 def _peak_memory_gib(device) -> tuple[float, str]:

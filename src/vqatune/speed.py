@@ -70,16 +70,21 @@ def compile_layers(model, *, dynamic: bool = True, towers: tuple[str, ...] = ("D
     tower share one code object, so one compilation serves them all (torch >= 2.5 inlines the
     modules); ``dynamic`` avoids a recompilation per padded sequence length. The function is
     unchanged (tests/test_speed.py compares losses). Returns the number of layers compiled.
-    A speed lever must not stop a training: where compiling fails, torch runs the layer eagerly
-    and logs why.
     """
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
     return _compile_modules(model, towers, dynamic)
 
 
+def compile_wanted(setting: bool | None, device: str) -> bool:
+    """``train.compile`` / ``evaluate.compile``: true, false, or None = on with a CUDA device."""
+    return setting if setting is not None else str(device).startswith("cuda")
+
+
 def _compile_modules(model, class_suffixes: tuple[str, ...], dynamic: bool) -> int:
+    import torch._dynamo
+
+    # A speed lever must not stop a training or an evaluation: where compiling fails (e.g. no C
+    # compiler for triton's launcher), torch runs the module eagerly and logs why.
+    torch._dynamo.config.suppress_errors = True
     compiled = 0
     for module in model.modules():
         if type(module).__name__.endswith(class_suffixes) and hasattr(module, "compile"):
@@ -95,16 +100,14 @@ def compile_norms(model, *, dynamic: bool = True) -> int:
     the GPU was busy 2.3 s of 7.2 s, a decoding step taking ~190 ms (benchmarks/
     profile_generate.py). Gemma's RMSNorm is ten small operations (fp32 cast, pow, mean, add,
     rsqrt, mul, weight cast, add, mul, cast) and runs 6 times per layer: about half of a step's
-    operations. Compiled, each is one fused kernel (1.29x for the six configurations). Whole layers cannot be compiled for generation: the KV cache's per-layer
-    state makes every layer a new graph (past the recompile limit). Returns the number compiled.
+    operations. Compiled, each is one fused kernel (1.29x for the six configurations). Whole
+    layers cannot be compiled for generation: the KV cache's per-layer state makes every layer a
+    new graph (past the recompile limit). Returns the number compiled.
     """
     import torch._dynamo
 
     # Variants: hidden size and head size (q/k norms), prefill and one-token decoding.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-    # A speed lever must not stop an evaluation: where compiling fails (e.g. no C compiler for
-    # triton's launcher), torch runs the norm eagerly and logs why.
-    torch._dynamo.config.suppress_errors = True
     return _compile_modules(model, ("RMSNorm",), dynamic)
 
 

@@ -402,7 +402,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     from .collate import AnswerOnlyCollator
     from .model import (attach_lora, free_model, load_base_model, load_processor,
                         prepare_for_kbit_training, trainable_parameters)
-    from .speed import compile_layers, maybe_install_image_feature_cache
+    from .speed import compile_layers, compile_wanted, maybe_install_image_feature_cache
 
     set_seed(train_cfg.seed)
 
@@ -446,7 +446,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     feature_cache = maybe_install_image_feature_cache(model, training=True,
                                                       enabled=train_cfg.cache_image_features)
     compiled_layers = 0
-    if train_cfg.compile or (train_cfg.compile is None and device.startswith("cuda")):
+    if compile_wanted(train_cfg.compile, device):
         # With cached features the vision tower runs only before the first step (no_grad): its
         # layers are left eager there, and compile time goes to the language model.
         towers = ("DecoderLayer",) if feature_cache is not None else ("DecoderLayer", "EncoderLayer")
