@@ -36,17 +36,57 @@ log = logging.getLogger("ddp_bench")
 # call of 10 minutes; the session-5 run with 40 steps and a bigger world did not.
 TRAIN_STEPS = {"full": 30, "tiny": 6}
 TIMED_FROM = {"full": 6, "tiny": 1}
+# ``:profile`` runs: torch.profiler over these optimizer steps on every process; the timed window
+# then ends before them (the profiler slows the steps it records).
+PROFILE_STEPS = {"full": (23, 26), "tiny": (4, 5)}
+RUN_OPTIONS = ("profile", "bf16_stream")
 SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 
 # --------------------------------------------------------------------------- one training run
 
+def profiler_callback(first: int, last: int, device_type: str):
+    """Trainer callback: ``torch.profiler`` from optimizer step ``first`` through ``last``."""
+    import torch
+    from transformers import TrainerCallback
+
+    class _Profile(TrainerCallback):
+        def __init__(self):
+            self.prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first - 1 and self.prof is None:
+                acts = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == last and self.prof is not None:
+                self.prof.__exit__(None, None, None)
+
+    return _Profile()
+
+
+def profile_summary(prof, device_type: str, steps: int) -> dict:
+    """Per-step CPU and device time of the profiled steps, and the top operators of each."""
+    averages = prof.key_averages()
+    device_key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages)
+    nccl_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages if "nccl" in e.key.lower())
+    return {"steps": steps, "device_kernel_s_per_step": round(kernel_us / 1e6 / steps, 4),
+            "nccl_kernel_s_per_step": round(nccl_us / 1e6 / steps, 4),
+            "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=30),
+            "top_device": averages.table(sort_by=device_key, row_limit=30)}
+
+
 def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True,
-              compile: bool = True, accumulation: int = 1) -> None:
+              compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = ()) -> None:
     """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off.
 
     The global batch is gpu_bench's batch x ``accumulation``; the train stage's own rule
-    (``distributed.split_global_batch``) decides what each process runs."""
+    (``distributed.split_global_batch``) decides what each process runs. ``options``: ``profile``
+    (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off)."""
     import gpu_bench
     import torch
 
@@ -60,15 +100,27 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     cfg = gpu_bench.project_train_config(gpu_bench.TINY if tiny else gpu_bench.FULL, lora_dropout=0.0,
                                          max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing,
                                          compile=None if compile else False,  # None: the stage's default
-                                         gradient_accumulation_steps=accumulation)
+                                         gradient_accumulation_steps=accumulation,
+                                         fp32_residual="bf16_stream" not in options)
     timer = gpu_bench.StepTimer()
+    callbacks = [timer]
+    profiled = PROFILE_STEPS[size] if "profile" in options else None
+    if profiled:
+        callbacks.append(profiler_callback(*profiled, gpu_bench.DEV.type))
     gpu_bench.DEV.reset()
     result = run_training(cfg, work / "model", work / "processed", work / f"adapter_{name}",
-                          checkpoint_dir=work / f"ckpt_{name}", callbacks=[timer], resume=False)
+                          checkpoint_dir=work / f"ckpt_{name}", callbacks=callbacks, resume=False)
+    profile = None
+    if profiled:
+        profile = profile_summary(callbacks[1].prof, gpu_bench.DEV.type, profiled[1] - profiled[0] + 1)
+        profile["wall_s_per_step"] = round((timer.times[profiled[1]] - timer.times[profiled[0] - 1])
+                                           / profile["steps"], 4)
+        rank = os.environ.get("RANK", "0")
+        result_path.with_name(f"{result_path.stem}_profile_rank{rank}.json").write_text(json.dumps(profile, indent=2))
     if not distributed.is_main_process():
         return
     first = TIMED_FROM[size]
-    timed = [s for s in sorted(timer.times) if s > first]
+    timed = [s for s in sorted(timer.times) if s > first and (not profiled or s < profiled[0] - 1)]
     seconds = timer.times[timed[-1]] - timer.times[first]
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
     per_process, steps = distributed.split_global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
@@ -85,25 +137,41 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
         "accumulation_steps": steps, "step_s": step_s,
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
         "losses": losses, "eval_loss": result.eval_loss, "steps": result.steps,
+        "options": list(options), "fp32_residual": result.fp32_residual,
     }, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- the driver
 
+def parse_run(spec: str) -> tuple[int, tuple[str, ...]]:
+    """``"2"`` or ``"2:profile,bf16_stream"`` -> (processes, options)."""
+    processes, _, opts = spec.partition(":")
+    options = tuple(o for o in opts.split(",") if o)
+    unknown = [o for o in options if o not in RUN_OPTIONS]
+    if unknown or not processes.isdigit():
+        raise SystemExit(f"run {spec!r}: expected PROCESSES[:OPTION,...] with options from {', '.join(RUN_OPTIONS)}")
+    return int(processes), options
+
+
 def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
-                    compile: bool = True, accumulation: int = 1) -> dict:
+                    compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = ()) -> dict:
     from vqatune.distributed import launch_command
 
-    result = work / f"train_{processes}.json"
-    command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{processes}",
+    tag = "_".join([str(processes), *options])
+    result = work / f"train_{tag}.json"
+    command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{tag}",
                                               "--result", str(result)] + (["--tiny"] if tiny else [])
                              + ([] if checkpointing else ["--no-checkpointing"]) + ([] if compile else ["--no-compile"])
-                             + ["--accumulation", str(accumulation)],
+                             + ["--accumulation", str(accumulation)]
+                             + (["--options", ",".join(options)] if options else []),
                              processes, config_file=REPO / "configs/accelerate/ddp.yaml")
     start = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=env, check=True)
     out = json.loads(result.read_text())
     out["wall_s"] = round(time.perf_counter() - start, 1)
+    profiles = sorted(work.glob(f"train_{tag}_profile_rank*.json"))
+    if profiles:
+        out["profile"] = {p.stem.rsplit("_rank", 1)[1]: json.loads(p.read_text()) for p in profiles}
     return out
 
 
@@ -169,15 +237,15 @@ def compare_curves(one: list[float], many: list[float]) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    one = results["training"]["1"]
+    one = next(r for r in results["training"].values() if r["processes"] == 1)
     lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
              f"896 px; nf4 QLoRA, sdpa, gradient checkpointing {'on' if one.get('gradient_checkpointing', True) else 'off'}, "
              f"image cache, LoRA on the MLP, global batch {one['global_batch']}.",
              "", "| processes | per-process batch x accumulation | examples/s | scaling | peak GiB (main) | wall s |",
              "|---|---|---|---|---|---|"]
-    for key in sorted(results["training"], key=int):
+    for key in results["training"]:
         r = results["training"][key]
-        lines.append(f"| {r['processes']} | {r['per_process_batch']} x {r.get('accumulation_steps', 1)} | "
+        lines.append(f"| {key} | {r['per_process_batch']} x {r.get('accumulation_steps', 1)} | "
                      f"{r['examples_per_s']:.2f} | "
                      f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
     c = results["curves"]
@@ -201,11 +269,12 @@ def plot(results_path: Path, png: Path) -> None:
 
     results = json.loads(results_path.read_text())
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("1", "-o"), (str(results["gpus"]), "--x")):
-        r = results["training"][key]
+    runs = results["training"].values()
+    for processes, style in ((1, "-o"), (results["gpus"], "--x")):
+        r = next(r for r in runs if r["processes"] == processes)
         ax.plot(range(1, len(r["losses"]) + 1), r["losses"], style, markersize=3,
                 label=f"{r['processes']} GPU(s), batch {r['per_process_batch']} per process")
-    ax.set_xlabel("optimizer step (global batch %d)" % results["training"]["1"]["global_batch"])
+    ax.set_xlabel("optimizer step (global batch %d)" % r["global_batch"])
     ax.set_ylabel("training loss")
     ax.set_title(f"DDP vs one GPU, same batches ({results['device']})")
     ax.legend()
@@ -228,6 +297,11 @@ def main(argv=None) -> int:
     ap.add_argument("--accumulation", type=int, default=2,
                     help="one GPU's accumulation steps: the global batch is 32 x this (the stage cuts "
                          "accumulation first on N GPUs); 1 halves the per-process batch instead")
+    ap.add_argument("--runs", nargs="+", metavar="PROCESSES[:OPTIONS]",
+                    help="training runs in order (default: 1 and --gpus); options, comma-separated: "
+                         "profile (torch.profiler over a few steps on every process), bf16_stream "
+                         "(train.fp32_residual off); e.g. --runs 2:profile 2:bf16_stream 1:profile")
+    ap.add_argument("--options", default="", help=argparse.SUPPRESS)
     ap.add_argument("--name")
     ap.add_argument("--result")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="draw the loss curves and exit")
@@ -238,7 +312,7 @@ def main(argv=None) -> int:
         return 0
     if args.mode == "_train":
         train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, not args.no_compile,
-                  args.accumulation)
+                  args.accumulation, parse_run("0:" + args.options)[1])
         return 0
 
     import gpu_bench
@@ -272,14 +346,22 @@ def main(argv=None) -> int:
     if rows < needed:
         log.warning("%d train rows < %d: the timed steps cross an epoch boundary", rows, needed)
     results["training"] = {}
-    for processes in (1, args.gpus):
-        results["training"][str(processes)] = launch_training(work, processes, args.tiny, env,
-                                                              not args.no_checkpointing, not args.no_compile,
-                                                              args.accumulation)
+    for spec in args.runs or ["1", str(args.gpus)]:
+        processes, options = parse_run(spec)
+        run = launch_training(work, processes, args.tiny, env, not args.no_checkpointing, not args.no_compile,
+                              args.accumulation, options)
+        results["training"][spec] = run
         save()
-        log.info("%d process(es): %s", processes,
-                 {k: v for k, v in results["training"][str(processes)].items() if k != "losses"})
-    one, many = results["training"]["1"], results["training"][str(args.gpus)]
+        log.info("%s: %s", spec, {k: v for k, v in run.items() if k not in ("losses", "profile")})
+        for rank, prof in run.get("profile", {}).items():
+            log.info("%s rank %s: wall %.3f s/step, device kernels %.3f s/step (nccl %.3f)\n%s\n%s", spec, rank,
+                     prof["wall_s_per_step"], prof["device_kernel_s_per_step"], prof["nccl_kernel_s_per_step"],
+                     prof["top_cpu"], prof["top_device"])
+    one = next((r for r in results["training"].values() if r["processes"] == 1), None)
+    many = next((r for r in results["training"].values() if r["processes"] == args.gpus), None)
+    if one is None or many is None:
+        save()
+        return 0
     results["scaling"] = many["examples_per_s"] / one["examples_per_s"]
     results["curves"] = compare_curves(one["losses"], many["losses"])
     save()
