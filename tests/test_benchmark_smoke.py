@@ -80,3 +80,27 @@ def test_profilers_and_the_lever_script_run_on_the_tiny_model(tmp_path):
     _run("profile_train.py", "--out", str(tmp_path / "train"), "--work", work, "--batch", "2")
     train = json.loads((tmp_path / "train" / "profile_train.json").read_text())
     assert train["loader_examples_per_s"] > 0 and train["step_s"] and "aten::" in train["top_cpu"]
+
+
+def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
+    """benchmarks/ddp_bench.py on two CPU processes: the run specs, the profile of every process,
+    the fp32-stream switch, and the timed window that ends before the profiled steps."""
+    import ddp_bench
+
+    out = tmp_path / "out"
+    _run("ddp_bench.py", "--out", str(out), "--work", str(tmp_path / "work"), "--gpus", "2", "--skip-search",
+         "--runs", "1", "2:profile")
+    results = json.loads((out / "ddp_bench.json").read_text())
+    one, two = results["training"]["1"], results["training"]["2:profile"]
+    assert (one["processes"], two["processes"]) == (1, 2) and two["options"] == ["profile"]
+    assert "profile" not in one and set(two["profile"]) == {"0", "1"}
+    first, last = ddp_bench.PROFILE_STEPS["tiny"]
+    for prof in two["profile"].values():
+        assert prof["steps"] == last - first + 1 and prof["wall_s_per_step"] > 0
+        assert "aten::" in prof["top_cpu"]
+    assert two["timed_steps"].endswith(f"..{first - 2}")  # the window stops before the profiled steps
+    assert results["curves"]["max_abs_diff"] < 1e-3      # same batches, dropout off: the same curve
+    assert "| 2:profile | 4 x 1 |" in (out / "ddp_bench.md").read_text()
+    with pytest.raises(SystemExit, match="options from"):
+        ddp_bench.parse_run("2:fast")
+    assert ddp_bench.parse_run("2:profile,bf16_stream") == (2, ("profile", "bf16_stream"))
