@@ -41,6 +41,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="collate_bench_") as tmp:
+        results = _measure(args, Path(tmp))
+    print(json.dumps({"rows": args.rows, "reps": args.reps, "threads": args.threads,
+                      "cpu": platform.processor() or platform.machine(), "results": results}), flush=True)
+    return 0
+
+
+def _measure(args, work: Path) -> list[dict]:
+    import torch
     from datasets import Dataset, load_from_disk
     from PIL import Image
 
@@ -51,8 +62,6 @@ def main(argv=None) -> int:
     from vqatune.prompts import PromptsConfig
     from vqatune.tiny_model import build_tiny_gemma3
 
-    torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="collate_bench_"))
     model_dir = build_tiny_gemma3(work / "model", ModelConfig())
     prepare_dataset(PrepareConfig(synthetic_images=max(8, args.rows // 4), seed=0), PromptsConfig(),
                     work / "processed")
@@ -84,9 +93,7 @@ def main(argv=None) -> int:
             "fetch_without_image_s": _median_s(lambda: [no_image[i] for i in range(len(rows))], args.reps),
         })
         results[-1]["speedup"] = round(results[-1]["pixel_s"] / max(results[-1]["keyed_s"], 1e-9), 1)
-    print(json.dumps({"rows": args.rows, "reps": args.reps, "threads": args.threads,
-                      "cpu": platform.processor() or platform.machine(), "results": results}), flush=True)
-    return 0
+    return results
 
 
 if __name__ == "__main__":
