@@ -85,3 +85,34 @@ def test_bad_mode_and_side_are_refused(processor):
         AnswerOnlyCollator(processor, "verbose")
     with pytest.raises(ValueError, match="padding_side"):
         AnswerOnlyCollator(processor, "none", "middle")
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("mode", PROMPT_MODES)
+def test_image_keys_give_the_pixel_paths_tokens_and_each_rows_key(processor, rows, mode, padding_side):
+    from vqatune.speed import image_key
+
+    pixels = AnswerOnlyCollator(processor, mode, padding_side, max_length=60)
+    keyed = AnswerOnlyCollator(processor, mode, padding_side, max_length=60, image_keys=True)
+    ref, got = pixels(rows), keyed(rows)
+    assert set(got) == set(ref)
+    for name in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        assert got[name].dtype == ref[name].dtype and torch.equal(got[name], ref[name]), name
+    assert (ref["token_type_ids"] == 1).any()  # the image tokens really are in both
+    assert keyed.truncated == pixels.truncated > 0
+    assert got["pixel_values"].dtype == torch.int64 and got["pixel_values"].shape == (len(rows), 2)
+    assert got["pixel_values"].tolist() == [list(image_key(row["img_id"])) for row in rows]
+
+
+def test_image_keys_are_refused_where_the_placeholder_cannot_be_expanded(processor, rows):
+    import copy
+
+    plain = copy.copy(processor)
+    del plain.full_image_sequence
+    with pytest.raises(ValueError, match="full_image_sequence.*image_keys=False"):
+        AnswerOnlyCollator(plain, "none", image_keys=True)
+    two_images = copy.deepcopy(rows[0])
+    user = next(m for m in two_images["messages_none"] if m["role"] == "user")
+    user["content"].insert(0, {"type": "image", "text": None})
+    with pytest.raises(ValueError, match="holds 2 image placeholders.*image_keys=False"):
+        AnswerOnlyCollator(processor, "none", image_keys=True)([rows[1], two_images])

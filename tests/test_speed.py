@@ -64,6 +64,53 @@ def test_image_feature_cache_returns_what_the_tower_computes_and_runs_it_once_pe
         p.requires_grad_(True)
 
 
+def test_image_feature_cache_prefilled_under_image_keys_answers_keyed_batches(tiny):
+    model, processor = tiny
+    rows, batch = _batch(processor, n=6, seed=0)
+    distinct = len({r.img_id for r in rows})
+    assert distinct < len(rows), "two rows must share an image"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    core = speed._multimodal_core(model)
+    # The tiny model's projector starts at zero (every image's features 0): give images features.
+    projection = core.multi_modal_projector.mm_input_projection_weight
+    zero = projection.detach().clone()
+    projection.data = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_features = core.get_image_features(batch["pixel_values"], return_dict=True).pooler_output
+        ref = model(**batch).logits
+    assert len({tuple(f.flatten().tolist()) for f in ref_features}) == distinct, "features must tell images apart"
+    keys = speed.image_key_tensor([r.img_id for r in rows])
+    assert keys.dtype == torch.int64 and keys.shape == (len(rows), 2)
+    assert len({tuple(k) for k in keys.tolist()}) == distinct
+    cache = speed.install_image_feature_cache(model, training=True)
+    try:
+        calls = []
+        handle = core.vision_tower.register_forward_hook(
+            lambda m, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+        with torch.no_grad():
+            assert cache.prefill([(keys, batch["pixel_values"])], "cpu") == distinct
+            assert cache.prefill([(keys[:1], batch["pixel_values"][:1])], "cpu") == 0
+            features = core.get_image_features(keys).pooler_output
+            logits = model(**{**batch, "pixel_values": keys}).logits
+        handle.remove()
+        assert sum(calls) == distinct  # prefill only: the keyed batch ran no tower
+        torch.testing.assert_close(features, ref_features)
+        torch.testing.assert_close(logits, ref)
+        assert cache.misses == distinct and cache.hits == 2 * len(rows)
+        with pytest.raises(ValueError, match="not precomputed"):
+            core.get_image_features(speed.image_key_tensor(["never-prefilled"]))
+        # Keys are names, not pixels: the pixel path hashes pixels and computes them again.
+        with torch.no_grad():
+            core.get_image_features(batch["pixel_values"][:1])
+        assert cache.misses == distinct + 1
+    finally:
+        cache.uninstall()
+        projection.data = zero
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
 def test_image_feature_cache_refuses_a_trainable_tower_or_an_adapter_on_it(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText

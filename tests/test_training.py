@@ -296,3 +296,56 @@ def test_precomputed_image_features_leave_no_vision_forward_to_the_steps(tiny_mo
         assert caches[0].misses == distinct and caches[0].hits >= 4 * cfg.batch_size
     else:  # the control: the same run computes features inside its steps
         assert calls.misses_at_start == 0 and len(calls.calls) > 0
+
+
+def test_keyed_precomputed_features_train_like_lazily_cached_ones(tiny_model_dir, processed_dir, tmp_path,
+                                                                  monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vqatune import speed
+    from vqatune.collate import AnswerOnlyCollator
+
+    # The tiny model's projector starts at zero, so every image's features would be 0 and any
+    # features would match: a random projector makes the losses depend on which features arrive.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("mm_input_projection_weight"))
+    weights[name] = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0)).to(weights[name].dtype)
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    seen: list[set] = []
+    features = speed.ImageFeatureCache.features
+
+    def spy(self, pixel_values, compute):
+        seen[-1].add(pixel_values.dtype)
+        return features(self, pixel_values, compute)
+
+    monkeypatch.setattr(speed.ImageFeatureCache, "features", spy)
+    images_read = []  # by keyed batches: they need no image, so their rows carry none
+    collate = AnswerOnlyCollator.__call__
+
+    def collate_spy(self, rows):
+        if self.image_keys:
+            images_read.extend(row["image"] for row in rows if "image" in row)
+        return collate(self, rows)
+
+    monkeypatch.setattr(AnswerOnlyCollator, "__call__", collate_spy)
+    losses = {}
+    for precompute in (True, False):
+        seen.append(set())
+        cfg = small_config(load_best_model_at_end=False, cache_image_features=True,
+                           precompute_image_features=precompute)
+        cfg.lora.target_modules, cfg.lora.vision_tower, cfg.lora.modules_to_save = "mlp", False, []
+        # Dropout off: precomputing draws a DataLoader seed from torch's RNG, which shifts every
+        # later dropout mask (with 0.05 the runs differ by ~5e-4, keyed or not).
+        cfg.lora.dropout = 0.0
+        result = run_training(cfg, model_dir, processed_dir, None, checkpoint_dir=tmp_path / f"ckpt-{precompute}")
+        losses[precompute] = [h["loss"] for h in result.log_history if "loss" in h] + [result.eval_loss]
+    # Keyed batches during the steps with precompute, pixel batches (hashed) without.
+    assert seen == [{torch.int64}, {torch.float32}]
+    assert images_read == []
+    assert len(losses[True]) == 5
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

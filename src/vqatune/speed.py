@@ -15,7 +15,9 @@ tower). The numbers behind each choice are in benchmarks/results/ and the README
   per ~290-token example).
 - ``ImageFeatureCache``: a frozen vision tower gives the same 256 image embeddings for every QA
   of an image, every epoch and every search trial (~5.5 TFLOP per 896 px image); they are
-  computed once per distinct image and reused.
+  computed once per distinct image and reused. Prefilled under ``image_key``s, training batches
+  carry only those keys, so no step decodes or processes an image (~1.6 s of CPU per batch of
+  32 at 896 px, benchmarks/collate_bench.py).
 - ``ImagePixelCache`` + ``BatchEncoder(image_keys=...)``: each image's ``pixel_values`` made once
   by the processor (~20 ms of CPU at 896 px) for all its QA and all six evaluation
   configurations; a batch then costs only its prompts' tokenization.
@@ -27,6 +29,7 @@ tower). The numbers behind each choice are in benchmarks/results/ and the README
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -111,7 +114,53 @@ def compile_norms(model, *, dynamic: bool = True) -> int:
     return _compile_modules(model, ("RMSNorm",), dynamic)
 
 
+# --------------------------------------------------------------------------- image keys
+
+def image_key(img_id) -> tuple[int, int]:
+    """128-bit key of an image named by the dataset's ``img_id`` (one image per id), as two int64.
+
+    A hash of the name, not of the pixels: a batch can then name its images without decoding
+    them, and the key is the same in every DataLoader worker and every process (Python's
+    ``hash`` of a string is salted per process).
+    """
+    digest = hashlib.blake2b(str(img_id).encode("utf-8"), digest_size=16).digest()
+    return (int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True))
+
+
+def image_key_tensor(img_ids) -> torch.Tensor:
+    """[n, 2] int64 keys of ``img_ids``: what a keyed batch carries in place of ``pixel_values``."""
+    return torch.tensor([image_key(i) for i in img_ids], dtype=torch.int64).reshape(-1, 2)
+
+
+def image_prompt_texts(processor, texts: list[str], *, remedy: str) -> list[str]:
+    """``texts`` with their one image placeholder expanded exactly as Gemma3Processor expands it.
+
+    Gemma3Processor replaces the ``<start_of_image>`` of a prompt by ``full_image_sequence``
+    (which starts with "\n\n<start_of_image>", then the image tokens) and tokenizes; called on
+    the expanded text alone it finds no image to expand, tokenizes the same string the same way
+    and still adds ``token_type_ids``. So a prompt's tokens need no image at all. ``remedy``:
+    what the caller should do instead when this cannot apply (ends the error message).
+    """
+    placeholder = getattr(processor, "boi_token", None)
+    sequence = getattr(processor, "full_image_sequence", None)
+    if placeholder is None or sequence is None:
+        raise ValueError(f"image keys need a Gemma 3 processor (boi_token, full_image_sequence); "
+                         f"got {type(processor).__name__}: {remedy}")
+    expanded = []
+    for i, text in enumerate(texts):
+        if text.count(placeholder) != 1:
+            raise ValueError(f"prompt {i} holds {text.count(placeholder)} image placeholders ({placeholder}); "
+                             f"image keys need exactly one per prompt: {remedy}")
+        expanded.append(text.replace(placeholder, sequence))
+    return expanded
+
+
 # --------------------------------------------------------------------------- image features
+
+def is_image_keys(tensor: torch.Tensor) -> bool:
+    """Whether a ``pixel_values`` tensor holds ``image_key`` rows instead of pixels."""
+    return tensor.dtype == torch.int64 and tensor.dim() == 2 and tensor.shape[1] == 2
+
 
 def _multimodal_core(model):
     """The module that owns ``get_image_features`` and the vision tower (Gemma3Model)."""
@@ -130,6 +179,9 @@ class ImageFeatureCache:
     bits of each image's ``pixel_values`` (random multipliers, wrap-around sums, computed on the
     GPU): equal pixels give equal keys, and two different images collide with probability about
     2^-128. Only valid while the vision tower and projector are frozen; ``install`` checks that.
+
+    ``prefill`` can instead store features under the caller's ``image_key``s; a batch whose
+    ``pixel_values`` are such keys (int64 [n, 2]) is then answered without any pixels.
     """
 
     def __init__(self, device: str | torch.device | None = "cpu", seed: int = 0):
@@ -144,6 +196,7 @@ class ImageFeatureCache:
         self._multipliers: torch.Tensor | None = None
         self._core = None
         self._original = None
+        self._uncached = None
 
     # Keys -----------------------------------------------------------------
     def keys(self, pixel_values: torch.Tensor) -> list[tuple[int, int]]:
@@ -162,29 +215,54 @@ class ImageFeatureCache:
 
     # Features -------------------------------------------------------------
     def features(self, pixel_values: torch.Tensor, compute) -> torch.Tensor:
-        """[n_images, tokens, hidden] features for ``pixel_values``, computing only unseen images."""
-        keys = self.keys(pixel_values)
+        """[n_images, tokens, hidden] features for ``pixel_values``, computing only unseen images.
+
+        An int64 [n, 2] tensor is not pixels but ``image_key``s (a keyed training batch): those
+        are looked up only, having no pixels to compute from.
+        """
+        if is_image_keys(pixel_values):
+            # On a GPU, .tolist() waits for the queued work: 16 bytes a row, no hash to compute.
+            keys = [tuple(row) for row in pixel_values.tolist()]
+            missing = self._unseen(keys)
+            if missing:
+                raise ValueError(f"image key {next(iter(missing))} was not precomputed ({len(missing)} images of "
+                                 "the batch): keyed batches carry no pixels; prefill the cache with every image first")
+            self.hits += len(keys)
+        else:
+            keys = self.keys(pixel_values)
+            new = self._compute(keys, pixel_values, compute)
+            self.misses += new
+            self.hits += len(keys) - new
+        out = torch.stack([self.store[k] for k in keys])
+        return out.to(pixel_values.device, non_blocking=True)
+
+    def _unseen(self, keys) -> dict[tuple[int, int], int]:
+        """Keys not in the store -> the first position of each in ``keys``."""
         todo: dict[tuple[int, int], int] = {}
         for i, key in enumerate(keys):
             if key not in self.store and key not in todo:
                 todo[key] = i
-        self.misses += len(todo)
-        self.hits += len(keys) - len(todo)
+        return todo
+
+    def _compute(self, keys, pixel_values: torch.Tensor, compute) -> int:
+        """Store the features of the images whose keys are unseen; returns how many."""
+        todo = self._unseen(keys)
         if todo:
             with torch.no_grad():
                 fresh = compute(pixel_values[list(todo.values())])
             for key, feats in zip(todo, fresh):
                 self.store[key] = feats.detach().to(self.device or feats.device).clone()
-        out = torch.stack([self.store[k] for k in keys])
-        return out.to(pixel_values.device, non_blocking=True)
+        return len(todo)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
 
     def prefill(self, batches, device, *, progress: bool = False) -> int:
-        """Compute the features of every image in ``batches`` (``pixel_values`` tensors, as the
-        training collator makes them) now, through the installed model; returns how many were new.
+        """Compute the features of every image in ``batches`` now; returns how many were new.
 
+        A batch is either a ``pixel_values`` tensor (stored under the hash of its pixels, as a
+        training collator without image keys makes them) or a ``(image_keys, pixel_values)`` pair
+        (stored under ``image_key``s, for a training collator with ``image_keys``).
         Training then never runs the vision tower: no step waits for the ~5.5 TFLOP of a new
         896 px image, every step has the same shapes (a compiled step does not recompile for the
         batch's number of new images), and the step's CPU work shrinks. Call it under the
@@ -195,8 +273,16 @@ class ImageFeatureCache:
         if self._core is None:
             raise RuntimeError("install the cache on a model before prefilling it")
         before = len(self.store)
-        for pixels in tqdm(batches, desc="image features", unit="batch", disable=not progress):
-            self._core.get_image_features(pixels.to(device))
+        for batch in tqdm(batches, desc="image features", unit="batch", disable=not progress):
+            if isinstance(batch, torch.Tensor):
+                self._core.get_image_features(batch.to(device))
+                continue
+            image_keys, pixels = batch
+            if not is_image_keys(image_keys) or image_keys.shape[0] != pixels.shape[0]:
+                raise ValueError(f"prefill batch: keys {tuple(image_keys.shape)} {image_keys.dtype} for "
+                                 f"{pixels.shape[0]} images; pass int64 [n, 2] image_key rows, one per image")
+            self.misses += self._compute([tuple(row) for row in image_keys.tolist()], pixels.to(device),
+                                         self._uncached)
         return len(self.store) - before
 
     # Installation ---------------------------------------------------------
@@ -222,13 +308,13 @@ class ImageFeatureCache:
             return BaseModelOutputWithPooling(pooler_output=self.features(pixel_values, compute))
 
         core.get_image_features = cached_get_image_features  # instance attribute shadows the method
-        self._core, self._original = core, original
+        self._core, self._original, self._uncached = core, original, compute
         return self
 
     def uninstall(self) -> None:
         if self._core is not None:
             del self._core.get_image_features
-            self._core = self._original = None
+            self._core = self._original = self._uncached = None
 
 
 def vision_cache_blocker(model, *, training: bool) -> str | None:
@@ -444,16 +530,10 @@ class BatchEncoder:
         return merged
 
     # Per-image path ---------------------------------------------------------
+    _REMEDY = "generate without image_keys"
+
     def _check_fast_encoding(self, processor) -> None:
-        self.image_placeholder = getattr(processor, "boi_token", None)
-        self.image_sequence = getattr(processor, "full_image_sequence", None)
-        if self.image_placeholder is None or self.image_sequence is None:
-            raise ValueError(f"image_keys needs a Gemma 3 processor (boi_token, full_image_sequence); "
-                             f"got {type(processor).__name__}: generate without image_keys")
-        for i, text in enumerate(self.texts):
-            if text.count(self.image_placeholder) != 1:
-                raise ValueError(f"prompt {i} holds {text.count(self.image_placeholder)} image placeholders "
-                                 f"({self.image_placeholder}); image_keys needs exactly one per prompt")
+        image_prompt_texts(processor, self.texts, remedy=self._REMEDY)
 
     def _pixels(self, processor, rows):
         # The whole processor on the images alone: its image kwargs (Gemma3ProcessorKwargs' defaults
@@ -469,11 +549,8 @@ class BatchEncoder:
         return list(pixels.unsqueeze(1))
 
     def _text(self, processor, rows):
-        # Gemma3Processor replaces the one <start_of_image> by full_image_sequence (which starts
-        # with "\n\n<start_of_image>", then the image tokens) and tokenizes; called on text alone
-        # it finds no image to expand, tokenizes the same string the same way and still adds
-        # token_type_ids. Lists, not tensors: its token-count check is slow on tensors.
-        texts = [self.texts[i].replace(self.image_placeholder, self.image_sequence) for i in rows]
+        # Lists, not tensors: the processor's token-count check is slow on tensors.
+        texts = image_prompt_texts(processor, [self.texts[i] for i in rows], remedy=self._REMEDY)
         out = processor(text=texts, padding=True, add_special_tokens=False)
         return {key: torch.tensor(value) for key, value in out.items()}
 

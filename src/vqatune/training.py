@@ -54,9 +54,12 @@ class TrainConfig:
     cache_image_features: bool = True
     # With the cache: every distinct train and eval image's features computed before the first
     # step (one pass in batches), so no step runs the vision tower and all steps have the same
-    # shapes (what a compiled step needs). Without it they are computed in the first step that
-    # shows the image. The features are the same up to float rounding (the tower sees other
-    # batch compositions: on the tiny model on CPU, losses agree to ~1e-4).
+    # shapes (what a compiled step needs); the features are stored under each img_id, so the
+    # training batches carry keys, not pixels (no image is decoded or processed during the
+    # steps: ~1.6 s of CPU per batch of 32 at 896 px). Without it they are computed in the first
+    # step that shows the image. The features are the same up to float rounding (the tower sees
+    # other batch compositions). Tiny model, CPU: equal losses with LoRA dropout off, ~5e-4
+    # apart with it (precomputing draws a DataLoader seed from torch's RNG: other dropout masks).
     precompute_image_features: bool = True
     # torch.compile each transformer layer (vqatune.speed.compile_layers): fewer, fused kernels
     # for a step that is otherwise CPU-bound on a fast GPU. null = on with CUDA, off on CPU.
@@ -455,8 +458,14 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     trainable, total = trainable_parameters(model)
 
     # Training
+    # Precomputed features are stored under each img_id's key, so the steps' batches carry only
+    # keys and their rows no image column: the workers neither decode nor resize an image during
+    # the steps (at 896 px ~1.6 s of CPU per batch of 32, benchmarks/collate_bench.py).
+    precompute = feature_cache is not None and train_cfg.precompute_image_features
     collator = AnswerOnlyCollator(processor, train_cfg.prompt_mode, train_cfg.padding_side,
-                                  train_cfg.max_length)
+                                  train_cfg.max_length, image_keys=precompute)
+    step_train_ds, step_eval_ds = ((train_ds.remove_columns("image"), eval_ds.remove_columns("image"))
+                                   if precompute else (train_ds, eval_ds))
     all_callbacks = list(callbacks)
     if train_cfg.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(train_cfg.early_stopping_patience))
@@ -464,8 +473,8 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
         model=model,
         args=build_sft_config(train_cfg, run_dir, precision, eval_on_start=checkpoint is None,
                               device=device),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        train_dataset=step_train_ds,
+        eval_dataset=step_eval_ds,
         data_collator=collator,
         processing_class=processor,
         callbacks=all_callbacks,
@@ -482,7 +491,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     start = time.perf_counter()
     interrupted = False
     try:
-        if feature_cache is not None and train_cfg.precompute_image_features:
+        if precompute:
             precompute_image_features(trainer, feature_cache, collator, (train_ds, eval_ds),
                                       train_cfg.batch_size, train_cfg.dataloader_num_workers)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -540,20 +549,25 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     return result
 
 
-class _PixelValues:
-    """DataLoader collate: the training collator's ``pixel_values`` alone (bit for bit the
-    tensors a training batch carries, so the cache's keys match)."""
+class _KeyedPixels:
+    """DataLoader collate: ``(image keys, pixel_values)`` of rows, the pixels exactly as a
+    training collator without image keys makes them, so the features stored under the keys are
+    the ones those batches would get."""
 
     def __init__(self, collator):
-        self.collator = collator
+        self.collator = dataclasses.replace(collator, image_keys=False)
 
     def __call__(self, rows):
-        return self.collator(rows)["pixel_values"]
+        from .speed import image_key_tensor
+
+        return image_key_tensor([row["img_id"] for row in rows]), self.collator(rows)["pixel_values"]
 
 
 def precompute_image_features(trainer, cache, collator, datasets, batch_size: int, num_workers: int) -> int:
     """Fill ``cache`` with the features of every distinct image of ``datasets`` (one row per
-    ``img_id``), under the trainer's autocast, before the first step. Returns how many were new."""
+    ``img_id``) under the img_id's ``image_key``, under the trainer's autocast, before the first
+    step; ``collator`` (the training one, with ``image_keys``) then finds them. Returns how many
+    were new."""
     import torch
 
     parts = []
@@ -563,7 +577,7 @@ def precompute_image_features(trainer, cache, collator, datasets, batch_size: in
             first.setdefault(img_id, i)
         parts.append(ds.select(sorted(first.values())))
     loader = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_size=batch_size,
-                                         collate_fn=_PixelValues(collator), num_workers=num_workers)
+                                         collate_fn=_KeyedPixels(collator), num_workers=num_workers)
     device = trainer.model.get_input_embeddings().weight.device
     start = time.perf_counter()
     with torch.no_grad(), trainer.accelerator.autocast():
