@@ -70,10 +70,15 @@ def profiler_callback(first: int, last: int, device_type: str):
 
 def profile_summary(prof, device_type: str, steps: int) -> dict:
     """Per-step CPU and device time of the profiled steps, and the top operators of each."""
+    from torch.autograd import DeviceType
+
     averages = prof.key_averages()
     device_key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    kernel_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages)
-    nccl_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages if "nccl" in e.key.lower())
+    # Kernels only: an operator (aten::mm, nccl:all_reduce) also carries its kernels' device
+    # time, so summing every event counts each kernel twice (the table's own total does this).
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    kernel_us = sum(e.self_device_time_total for e in kernels)
+    nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
     return {"steps": steps, "device_kernel_s_per_step": round(kernel_us / 1e6 / steps, 4),
             "nccl_kernel_s_per_step": round(nccl_us / 1e6 / steps, 4),
             "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=30),
@@ -143,14 +148,21 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
 
 # --------------------------------------------------------------------------- the driver
 
+def parse_options(text: str) -> tuple[str, ...]:
+    """``"profile,bf16_stream"`` -> ("profile", "bf16_stream"); unknown options refused."""
+    options = tuple(o for o in text.split(",") if o)
+    unknown = [o for o in options if o not in RUN_OPTIONS]
+    if unknown:
+        raise SystemExit(f"unknown run option(s) {', '.join(unknown)}: choose options from {', '.join(RUN_OPTIONS)}")
+    return options
+
+
 def parse_run(spec: str) -> tuple[int, tuple[str, ...]]:
     """``"2"`` or ``"2:profile,bf16_stream"`` -> (processes, options)."""
     processes, _, opts = spec.partition(":")
-    options = tuple(o for o in opts.split(",") if o)
-    unknown = [o for o in options if o not in RUN_OPTIONS]
-    if unknown or not processes.isdigit():
+    if not processes.isdigit():
         raise SystemExit(f"run {spec!r}: expected PROCESSES[:OPTION,...] with options from {', '.join(RUN_OPTIONS)}")
-    return int(processes), options
+    return int(processes), parse_options(opts)
 
 
 def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
@@ -312,7 +324,7 @@ def main(argv=None) -> int:
         return 0
     if args.mode == "_train":
         train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, not args.no_compile,
-                  args.accumulation, parse_run("0:" + args.options)[1])
+                  args.accumulation, parse_options(args.options))
         return 0
 
     import gpu_bench
