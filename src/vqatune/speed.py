@@ -195,7 +195,6 @@ class ImageFeatureCache:
         self.misses = 0
         self._multipliers: torch.Tensor | None = None
         self._core = None
-        self._original = None
         self._uncached = None
 
     # Keys -----------------------------------------------------------------
@@ -308,13 +307,13 @@ class ImageFeatureCache:
             return BaseModelOutputWithPooling(pooler_output=self.features(pixel_values, compute))
 
         core.get_image_features = cached_get_image_features  # instance attribute shadows the method
-        self._core, self._original, self._uncached = core, original, compute
+        self._core, self._uncached = core, compute
         return self
 
     def uninstall(self) -> None:
         if self._core is not None:
             del self._core.get_image_features
-            self._core = self._original = self._uncached = None
+            self._core = self._uncached = None
 
 
 def vision_cache_blocker(model, *, training: bool) -> str | None:
