@@ -104,3 +104,19 @@ def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
     with pytest.raises(SystemExit, match="options from"):
         ddp_bench.parse_run("2:fast")
     assert ddp_bench.parse_run("2:profile,bf16_stream") == (2, ("profile", "bf16_stream"))
+
+
+def test_collate_bench_compares_the_two_collators_on_the_same_rows():
+    """benchmarks/collate_bench.py (pixel vs image-key collation) on the tiny processor."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(BENCH / "collate_bench.py"), "--rows", "4", "--reps", "1",
+                          "--sizes", "0"], check=True, env=env, cwd=BENCH.parent, timeout=600,
+                         capture_output=True, text=True).stdout
+    (result,) = json.loads(out.strip().splitlines()[-1])["results"]
+    # the script asserts the token tensors equal; the keyed batch carries 2 int64 per row
+    assert result["keyed_values_bytes"] == 4 * 2 * 8
+    assert result["pixel_values_mb"] == round(4 * 3 * result["image_px"] ** 2 * 4 / 1e6, 1)
+    assert result["pixel_s"] > 0 and result["keyed_s"] > 0
