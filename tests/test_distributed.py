@@ -75,7 +75,8 @@ def _train(tmp_path: Path, name: str, model_dir, data_dir, processes: int) -> tu
     assert not (folder / "adapter.tmp").exists() and not (folder / "adapter.partial").exists()
     metrics = json.loads((folder / "train.json").read_text())
     state = json.loads(max((folder / "ckpt").glob("*/checkpoint-*/trainer_state.json")).read_text())
-    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    losses = [{k: h[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens")}
+              for h in state["log_history"] if "loss" in h]
     return metrics, load_file(out / "adapter_model.safetensors"), losses
 
 
@@ -89,13 +90,17 @@ def test_two_processes_train_what_one_does_and_only_the_main_one_writes(tiny_mod
     # accumulation), same order, no dropout: the curves and the adapter agree up to the order
     # of the gradient sums (gloo all-reduce vs one backward).
     assert len(one_losses) == len(two_losses) == 4
-    assert max(abs(a - b) for a, b in zip(one_losses, two_losses)) < 1e-3, (one_losses, two_losses)
+    for key in ("loss", "entropy", "mean_token_accuracy"):
+        gap = max(abs(a[key] - b[key]) for a, b in zip(one_losses, two_losses))
+        assert gap < 1e-3, (key, one_losses, two_losses)
+    # The logged metrics cover the whole global batch (both processes' sums), not one process's half.
+    assert [a["num_tokens"] for a in one_losses] == [b["num_tokens"] for b in two_losses]
     assert abs(one["eval_loss"] - two["eval_loss"]) < 1e-3
     assert one_weights.keys() == two_weights.keys()
     for key in one_weights:
         assert torch.allclose(one_weights[key], two_weights[key], atol=1e-4), key
     # Training moved the adapter (a check that could fail if the two runs did nothing alike).
-    assert one_losses[0] != one_losses[-1]
+    assert one_losses[0]["loss"] != one_losses[-1]["loss"]
 
 
 @pytest.mark.slow

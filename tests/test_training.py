@@ -349,3 +349,54 @@ def test_keyed_precomputed_features_train_like_lazily_cached_ones(tiny_model_dir
     assert images_read == []
     assert len(losses[True]) == 5
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_lean_trainer_computes_trls_loss_and_metrics_without_a_sync_per_micro_batch(tiny_model_dir, processed_dir,
+                                                                                     tmp_path):
+    """LeanSFTTrainer's loss is TRL's on the same batch; its metrics wait for the log and then
+    weigh the micro-batches by their answer tokens (TRL's per-batch ratios, recombined by hand)."""
+    from datasets import load_from_disk
+    from trl import SFTTrainer
+
+    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.model import attach_lora, free_model, load_base_model, load_processor, prepare_for_kbit_training
+    from vqatune.sft import LeanSFTTrainer
+    from vqatune.training import build_sft_config
+
+    cfg = small_config(lora={"dropout": 0.0})
+    processor = load_processor(tiny_model_dir)
+    model = load_base_model(tiny_model_dir, quantization=cfg.quantization, compute_dtype="float32", device="cpu")
+    model = attach_lora(prepare_for_kbit_training(model, False), cfg.lora)
+    rows = load_from_disk(str(processed_dir))["train"].select(range(8))
+    collator = AnswerOnlyCollator(processor, cfg.prompt_mode)
+    trainer = LeanSFTTrainer(model=model, args=build_sft_config(cfg, tmp_path, "fp32", False, "cpu"),
+                             train_dataset=rows, eval_dataset=rows, data_collator=collator,
+                             processing_class=processor)
+    trainer.model.train()
+    # Two micro-batches with different numbers of answer tokens.
+    batches = [collator([rows[i] for i in range(0, 3)]), collator([rows[i] for i in range(3, 8)])]
+    answer_tokens = [int((b["labels"][..., 1:] != -100).sum()) for b in batches]
+    assert answer_tokens[0] != answer_tokens[1]
+
+    trl = []
+    with torch.no_grad():
+        for batch in batches:
+            loss = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+            trl.append((loss, trainer._metrics["train"]["entropy"][-1],
+                        trainer._metrics["train"]["mean_token_accuracy"][-1]))
+        tokens_trl = trainer._total_train_tokens
+        trainer._metrics["train"].clear()
+        trainer._total_train_tokens = 0
+        lean = [trainer.compute_loss(trainer.model, dict(batch)) for batch in batches]
+    for (loss_trl, _, _), loss_lean in zip(trl, lean):
+        assert torch.allclose(loss_trl, loss_lean, rtol=1e-5), (loss_trl, loss_lean)
+    assert not trainer._metrics["train"]  # nothing is read back before the log
+    assert tokens_trl == sum(int(b["attention_mask"].sum()) for b in batches) > 0
+
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    weights = [n / sum(answer_tokens) for n in answer_tokens]
+    assert logged["entropy"] == pytest.approx(sum(w * e for w, (_, e, _) in zip(weights, trl)), rel=1e-5)
+    assert logged["mean_token_accuracy"] == pytest.approx(sum(w * a for w, (_, _, a) in zip(weights, trl)), rel=1e-5)
+    assert logged["num_tokens"] == tokens_trl
+    free_model(trainer, model)

@@ -350,6 +350,12 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         # cache refuses adapters on the vision tower), so DDP skips its search for unused ones.
         use_cpu=not device.startswith("cuda"),
         ddp_find_unused_parameters=False,
+        # No buffer of the model changes in training (LoRA trains parameters only), so DDP need not
+        # broadcast them from rank 0 before every forward.
+        ddp_broadcast_buffers=False,
+        # The filter tests every micro-batch's loss for NaN on the host (a GPU sync each time) to
+        # hide it from the logged average; a NaN loss is logged as NaN instead.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=False,
     )
@@ -400,11 +406,10 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     import torch
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTTrainer
-
     from .collate import AnswerOnlyCollator
     from .model import (attach_lora, free_model, load_base_model, load_processor,
                         prepare_for_kbit_training, trainable_parameters)
+    from .sft import LeanSFTTrainer
     from .speed import compile_layers, compile_wanted, maybe_install_image_feature_cache
 
     set_seed(train_cfg.seed)
@@ -469,7 +474,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     all_callbacks = list(callbacks)
     if train_cfg.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(train_cfg.early_stopping_patience))
-    trainer = SFTTrainer(
+    trainer = LeanSFTTrainer(
         model=model,
         args=build_sft_config(train_cfg, run_dir, precision, eval_on_start=checkpoint is None,
                               device=device),

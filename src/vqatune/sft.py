@@ -1,0 +1,76 @@
+"""TRL's SFTTrainer without a synchronisation point in every micro-batch.
+
+TRL (1.16) computes its training metrics (entropy, mean token accuracy, token count) inside every
+``compute_loss``: four ``accelerator.gather_for_metrics(...)`` calls, each followed by ``.item()``.
+Each ``.item()`` waits for the GPU to finish the forward; under DDP each gather also waits for
+every other process. A data-parallel step then has five rendezvous per micro-batch instead of
+one (DDP's gradient all-reduce), and the process that happens to be slower at each one sets the
+pace (benchmarks/results/ddp_bench_h100x2_profile.md: 25 all-gathers in 4 steps, rank 1 waiting
+0.11 s per step for rank 0).
+
+``LeanSFTTrainer`` keeps the same metrics as device-side sums over the micro-batches and reduces
+them once, when the trainer logs (all processes log at the same steps). The loss is TRL's own
+plain case, written out here because TRL offers no hook between the loss and its metrics: the
+fused LM head's per-token log-probabilities summed and divided by the tokens of the whole global
+batch (``num_items_in_batch``), scaled by the number of processes as ``Trainer.compute_loss``
+does. Every other case (a custom loss function, label smoothing, DFT, MoE auxiliary loss,
+sequence parallelism, ``return_outputs``, which evaluation uses) goes to TRL unchanged.
+
+The logged entropy and accuracy are token-weighted over the logging window (sum over tokens /
+tokens), where TRL averages the per-micro-batch ratios: the same on equal micro-batches.
+"""
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+# Order of the device-side sums kept per mode.
+_VALID, _ENTROPY, _CORRECT, _TOKENS = range(4)
+
+
+class LeanSFTTrainer(SFTTrainer):
+    """SFTTrainer whose per-micro-batch metrics cost no host or cross-process synchronisation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metric_sums: dict[str, torch.Tensor] = {}
+
+    def _lean_loss_applies(self, inputs) -> bool:
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return (self.compute_loss_func is None and self.label_smoother is None
+                and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                and not (parallelism is not None and getattr(parallelism, "sp_enabled", False))
+                and "attention_mask" in inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self._lean_loss_applies(inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        # -log_probs is zero on ignored positions; clamped so a batch without answer tokens is 0, not 0/0.
+        loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens and DDP averages the gradients.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        sums = torch.stack([outputs.label_mask.sum().double(), outputs.entropy.detach().sum().double(),
+                            outputs.is_top1.sum().double(),
+                            inputs["attention_mask"].sum().double() if mode == "train" else loss.new_zeros((), dtype=torch.float64)])
+        previous = self._metric_sums.get(mode)
+        self._metric_sums[mode] = sums if previous is None else previous + sums
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums = self._metric_sums.pop(mode, None)
+        if sums is not None:
+            # One collective and one host copy per logging step, on every process alike.
+            valid, entropy, correct, tokens = self.accelerator.reduce(sums, reduction="sum").tolist()
+            self._metrics[mode]["entropy"] = [entropy / valid if valid > 0 else 0.0]
+            self._metrics[mode]["mean_token_accuracy"] = [correct / valid if valid > 0 else 0.0]
+            if mode == "train":
+                self._total_train_tokens += int(tokens) // self._tp_size
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
