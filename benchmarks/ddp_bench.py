@@ -75,8 +75,11 @@ def profile_summary(prof, device_type: str, steps: int) -> dict:
     averages = prof.key_averages()
     device_key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     # Kernels only: an operator (aten::mm, nccl:all_reduce) also carries its kernels' device
-    # time, so summing every event counts each kernel twice (the table's own total does this).
-    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    # time, so summing every event counts each kernel twice (the table's own total does this);
+    # record_function regions (DistributedDataParallel.forward, record_param_comms) show on the
+    # device side too, as user annotations spanning their kernels.
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+               and not e.key.startswith(("nccl:", "record_param_comms", "DistributedDataParallel"))]
     kernel_us = sum(e.self_device_time_total for e in kernels)
     nccl_us = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower())
     return {"steps": steps, "device_kernel_s_per_step": round(kernel_us / 1e6 / steps, 4),
