@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -89,10 +90,11 @@ def profile_summary(prof, device_type: str, steps: int) -> dict:
 
 
 def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointing: bool = True,
-              compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = ()) -> None:
+              compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = (),
+              batch: int | None = None) -> None:
     """Inside ``accelerate launch``: the gpu_bench project run, global batch fixed, dropout off.
 
-    The global batch is gpu_bench's batch x ``accumulation``; the train stage's own rule
+    The global batch is ``batch`` (default: gpu_bench's) x ``accumulation``; the train stage's own rule
     (``distributed.split_global_batch``) decides what each process runs. ``options``: ``profile``
     (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off)."""
     import gpu_bench
@@ -105,13 +107,17 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     if gpu_bench.DEV.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     size = "tiny" if tiny else "full"
-    cfg = gpu_bench.project_train_config(gpu_bench.TINY if tiny else gpu_bench.FULL, lora_dropout=0.0,
+    scale = gpu_bench.TINY if tiny else gpu_bench.FULL
+    if batch:
+        scale = dataclasses.replace(scale, train_batch=batch)
+    cfg = gpu_bench.project_train_config(scale, lora_dropout=0.0,
                                          max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing,
                                          compile=None if compile else False,  # None: the stage's default
                                          gradient_accumulation_steps=accumulation,
                                          fp32_residual="bf16_stream" not in options)
     timer = gpu_bench.StepTimer()
-    callbacks = [timer]
+    compiles = CompileCounter()
+    callbacks = [timer, compiles]
     profiled = PROFILE_STEPS[size] if "profile" in options else None
     if profiled:
         callbacks.append(profiler_callback(*profiled, gpu_bench.DEV.type))
@@ -120,25 +126,40 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
                           checkpoint_dir=work / f"ckpt_{name}", callbacks=callbacks, resume=False)
     profile = None
     if profiled:
-        profile = profile_summary(callbacks[1].prof, gpu_bench.DEV.type, profiled[1] - profiled[0] + 1)
+        profile = profile_summary(callbacks[-1].prof, gpu_bench.DEV.type, profiled[1] - profiled[0] + 1)
         profile["wall_s_per_step"] = round((timer.times[profiled[1]] - timer.times[profiled[0] - 1])
                                            / profile["steps"], 4)
         rank = os.environ.get("RANK", "0")
         result_path.with_name(f"{result_path.stem}_profile_rank{rank}.json").write_text(json.dumps(profile, indent=2))
-    if not distributed.is_main_process():
-        return
     first = TIMED_FROM[size]
     timed = [s for s in sorted(timer.times) if s > first and (not profiled or s < profiled[0] - 1)]
+    # Steps in which any process compiled (a recompile is a one-off stall of 1-4 s, at a step that
+    # depends on the batch, and every process waits for it): left out of the steady-state
+    # figures, kept in examples_per_s.
+    compiled = {s for s in timed if compiles.frames.get(s, 0) > compiles.frames.get(s - 1, 0)}
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * distributed.world_size()
+        dist.all_gather_object(gathered, sorted(compiled))
+        compiled = set().union(*map(set, gathered))
+    compiled = sorted(compiled)
+    if not distributed.is_main_process():
+        return
     seconds = timer.times[timed[-1]] - timer.times[first]
     global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
     per_process, steps = distributed.split_global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
                                                         distributed.world_size())
     ordered = sorted(timer.times)
     step_s = {s: round(timer.times[s] - timer.times[p], 3) for p, s in zip(ordered, ordered[1:])}
+    steady = [step_s[s] for s in timed if s not in compiled]
     losses = [h["loss"] for h in result.log_history if "loss" in h and "eval_loss" not in h]
     result_path.write_text(json.dumps({
         "processes": distributed.world_size(), "device": result.device,
         "examples_per_s": len(timed) * global_batch / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
+        "median_step_s": statistics.median(step_s[s] for s in timed),
+        "steps_with_compilation": compiled,
+        "steady_examples_per_s": len(steady) * global_batch / sum(steady) if steady else None,
         "global_batch": global_batch, "gradient_checkpointing": checkpointing,
         "compile": result.compiled_layers > 0,
         "precompute_image_features": cfg.precompute_image_features, "per_process_batch": per_process,
@@ -150,6 +171,22 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
 
 
 # --------------------------------------------------------------------------- the driver
+
+def CompileCounter():
+    """Trainer callback: Dynamo's count of compiled frames after each optimizer step."""
+    from transformers import TrainerCallback
+
+    class _Count(TrainerCallback):
+        def __init__(self):
+            self.frames = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            from torch._dynamo.utils import counters
+
+            self.frames[state.global_step] = counters["frames"]["ok"]
+
+    return _Count()
+
 
 def parse_options(text: str) -> tuple[str, ...]:
     """``"profile,bf16_stream"`` -> ("profile", "bf16_stream"); unknown options refused."""
@@ -169,7 +206,8 @@ def parse_run(spec: str) -> tuple[int, tuple[str, ...]]:
 
 
 def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
-                    compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = ()) -> dict:
+                    compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = (),
+                    batch: int | None = None) -> dict:
     from vqatune.distributed import launch_command
 
     tag = "_".join([str(processes), *options])
@@ -177,7 +215,7 @@ def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpoin
     command = launch_command(Path(__file__), ["_train", "--work", str(work), "--name", f"p{tag}",
                                               "--result", str(result)] + (["--tiny"] if tiny else [])
                              + ([] if checkpointing else ["--no-checkpointing"]) + ([] if compile else ["--no-compile"])
-                             + ["--accumulation", str(accumulation)]
+                             + ["--accumulation", str(accumulation)] + (["--batch", str(batch)] if batch else [])
                              + (["--options", ",".join(options)] if options else []),
                              processes, config_file=REPO / "configs/accelerate/ddp.yaml")
     start = time.perf_counter()
@@ -256,17 +294,23 @@ def write_report(results: dict, out: Path) -> None:
     lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
              f"896 px; nf4 QLoRA, sdpa, gradient checkpointing {'on' if one.get('gradient_checkpointing', True) else 'off'}, "
              f"image cache, LoRA on the MLP, global batch {one['global_batch']}.",
-             "", "| processes | per-process batch x accumulation | examples/s | scaling | peak GiB (main) | wall s |",
-             "|---|---|---|---|---|---|"]
+             "", "| processes | per-process batch x accumulation | examples/s | scaling | median s/step | "
+                 "examples/s without compiling steps (steps left out) | peak GiB (main) | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for key in results["training"]:
         r = results["training"][key]
+        steady = r.get("steady_examples_per_s")
         lines.append(f"| {key} | {r['per_process_batch']} x {r.get('accumulation_steps', 1)} | "
                      f"{r['examples_per_s']:.2f} | "
-                     f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
+                     f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r.get('median_step_s', float('nan')):.3f} | "
+                     + (f"{steady:.2f} ({r['steps_with_compilation']})" if steady else "-")
+                     + f" | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
     c = results["curves"]
     lines += ["", f"Loss curves over {c['steps']} steps (same batches, dropout off): mean |1 - {results['gpus']}| "
                   f"{c['mean_abs_diff']:.4f}, max {c['max_abs_diff']:.4f} (mean loss {c['mean_loss']:.3f}).",
-              f"Scaling {results['scaling']:.2f}x (target 1.8x): {'met' if results['scaling'] >= 1.8 else 'NOT met'}."]
+              f"Scaling {results['scaling']:.2f}x (target 1.8x): {'met' if results['scaling'] >= 1.8 else 'NOT met'}; "
+              f"medians of the step times {results['scaling_medians']:.2f}x"
+              + (f"; steps without a compilation {results['scaling_steady']:.2f}x." if "scaling_steady" in results else ".")]
     s = results.get("search")
     if s:
         lines += ["", f"Search: {s['workers']} workers (one per GPU, CUDA_VISIBLE_DEVICES) on one SQLite study: "
@@ -310,8 +354,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true",
                     help="train.compile off (its default, null, compiles the layers with CUDA)")
     ap.add_argument("--accumulation", type=int, default=2,
-                    help="one GPU's accumulation steps: the global batch is 32 x this (the stage cuts "
-                         "accumulation first on N GPUs); 1 halves the per-process batch instead")
+                    help="one GPU's accumulation steps: the global batch is --batch x this (the stage "
+                         "cuts accumulation first on N GPUs); 1 halves the per-process batch instead")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="rows per micro-batch on one GPU (default: gpu_bench's, 32 at full scale); "
+                         "the world grows to hold all steps in one epoch")
     ap.add_argument("--runs", nargs="+", metavar="PROCESSES[:OPTIONS]",
                     help="training runs in order (default: 1 and --gpus); options, comma-separated: "
                          "profile (torch.profiler over a few steps on every process), bf16_stream "
@@ -327,7 +374,7 @@ def main(argv=None) -> int:
         return 0
     if args.mode == "_train":
         train_one(Path(args.work), args.name, args.tiny, Path(args.result), not args.no_checkpointing, not args.no_compile,
-                  args.accumulation, parse_options(args.options))
+                  args.accumulation, parse_options(args.options), args.batch)
         return 0
 
     import gpu_bench
@@ -344,6 +391,12 @@ def main(argv=None) -> int:
     # in 40 steps of 64 (results/ddp_bench_h100x2_accumulation.md: curves apart from step 13).
     # 340 images: ~2,700 train rows (~9 QA per image) for 30 steps of 64.
     scale = gpu_bench.TINY if args.tiny else dataclasses.replace(gpu_bench.FULL, images=340, test_size=0.1)
+    if args.batch:
+        scale = dataclasses.replace(scale, train_batch=args.batch)
+    if not args.tiny:
+        # ~8.2 train rows per image at test_size 0.1 (340 images: 2,779 rows).
+        needed = TRAIN_STEPS["full"] * scale.train_batch * args.accumulation
+        scale = dataclasses.replace(scale, images=max(scale.images, -(-needed * 105 // 100 * 340 // 2779)))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "gpus": args.gpus, "torch": torch.__version__, "scale": dataclasses.asdict(scale)}
@@ -364,7 +417,7 @@ def main(argv=None) -> int:
     for spec in args.runs or ["1", str(args.gpus)]:
         processes, options = parse_run(spec)
         run = launch_training(work, processes, args.tiny, env, not args.no_checkpointing, not args.no_compile,
-                              args.accumulation, options)
+                              args.accumulation, options, args.batch)
         results["training"][spec] = run
         save()
         log.info("%s: %s", spec, {k: v for k, v in run.items() if k not in ("losses", "profile")})
@@ -378,6 +431,9 @@ def main(argv=None) -> int:
         save()
         return 0
     results["scaling"] = many["examples_per_s"] / one["examples_per_s"]
+    results["scaling_medians"] = one["median_step_s"] / many["median_step_s"]
+    if one["steady_examples_per_s"] and many["steady_examples_per_s"]:
+        results["scaling_steady"] = many["steady_examples_per_s"] / one["steady_examples_per_s"]
     results["curves"] = compare_curves(one["losses"], many["losses"])
     save()
     if not args.skip_search:

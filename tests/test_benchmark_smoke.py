@@ -89,10 +89,15 @@ def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
 
     out = tmp_path / "out"
     _run("ddp_bench.py", "--out", str(out), "--work", str(tmp_path / "work"), "--gpus", "2", "--skip-search",
-         "--runs", "1", "2:profile")
+         "--runs", "1", "2:profile", "--batch", "2")
     results = json.loads((out / "ddp_bench.json").read_text())
     one, two = results["training"]["1"], results["training"]["2:profile"]
     assert (one["processes"], two["processes"]) == (1, 2) and two["options"] == ["profile"]
+    # --batch 2 with the default accumulation 2: global 4, 2 x 2 on one process, 2 on each of two.
+    assert one["global_batch"] == two["global_batch"] == 4
+    assert (one["per_process_batch"], one["accumulation_steps"]) == (2, 2) and two["per_process_batch"] == 2
+    # Nothing compiles on CPU: every timed step is a steady one.
+    assert one["steps_with_compilation"] == [] and one["steady_examples_per_s"] > 0 and one["median_step_s"] > 0
     assert "profile" not in one and set(two["profile"]) == {"0", "1"}
     first, last = ddp_bench.PROFILE_STEPS["tiny"]
     for prof in two["profile"].values():
@@ -100,7 +105,7 @@ def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
         assert "aten::" in prof["top_cpu"]
     assert two["timed_steps"].endswith(f"..{first - 2}")  # the window stops before the profiled steps
     assert results["curves"]["max_abs_diff"] < 1e-3      # same batches, dropout off: the same curve
-    assert "| 2:profile | 4 x 1 |" in (out / "ddp_bench.md").read_text()
+    assert "| 2:profile | 2 x 1 |" in (out / "ddp_bench.md").read_text()
     with pytest.raises(SystemExit, match="options from"):
         ddp_bench.parse_run("2:fast")
     assert ddp_bench.parse_run("2:profile,bf16_stream") == (2, ("profile", "bf16_stream"))
