@@ -111,6 +111,48 @@ def test_image_feature_cache_prefilled_under_image_keys_answers_keyed_batches(ti
         p.requires_grad_(True)
 
 
+def test_image_feature_cache_moved_to_one_table_answers_keyed_batches_there(tiny):
+    """move_to: the same features for a keyed batch, from one table searched by key (no dict,
+    no .tolist()); a key it lacks fails; a table over budget or a new image keeps the dict."""
+    model, processor = tiny
+    rows, batch = _batch(processor, n=6, seed=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    core = speed._multimodal_core(model)
+    projection = core.multi_modal_projector.mm_input_projection_weight
+    zero = projection.detach().clone()
+    projection.data = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
+    keys = speed.image_key_tensor([r.img_id for r in rows])
+    cache = speed.install_image_feature_cache(model, training=True)
+    try:
+        with torch.no_grad():
+            cache.prefill([(keys, batch["pixel_values"])], "cpu")
+            from_dict = core.get_image_features(keys).pooler_output
+        size = cache.memory_bytes()
+        assert not cache.move_to("cpu", max_bytes=size - 1) and cache._table is None
+        assert cache.move_to("cpu", max_bytes=size) and cache.memory_bytes() == size
+        assert cache._table.shape[0] == len(cache.store) == len({r.img_id for r in rows})
+        # Rows in a different order than the table's, repeated images included.
+        order = torch.tensor([5, 0, 3, 3, 1, 4, 2])
+        with torch.no_grad():
+            from_table = core.get_image_features(keys[order]).pooler_output
+        torch.testing.assert_close(from_table, from_dict[order], rtol=0, atol=0)
+        unknown = speed.image_key_tensor(["never-prefilled"])
+        with pytest.raises(RuntimeError, match="not precomputed"):
+            core.get_image_features(torch.cat([keys[:1], unknown]))
+        # A new image (the pixel path) drops the table; keyed batches use the dict again.
+        with torch.no_grad():
+            core.get_image_features(batch["pixel_values"][:1])
+            again = core.get_image_features(keys).pooler_output
+        assert cache._table is None
+        torch.testing.assert_close(again, from_dict, rtol=0, atol=0)
+    finally:
+        cache.uninstall()
+        projection.data = zero
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
 def test_image_feature_cache_refuses_a_trainable_tower_or_an_adapter_on_it(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText

@@ -399,4 +399,36 @@ def test_lean_trainer_computes_trls_loss_and_metrics_without_a_sync_per_micro_ba
     assert logged["entropy"] == pytest.approx(sum(w * e for w, (_, e, _) in zip(weights, trl)), rel=1e-5)
     assert logged["mean_token_accuracy"] == pytest.approx(sum(w * a for w, (_, _, a) in zip(weights, trl)), rel=1e-5)
     assert logged["num_tokens"] == tokens_trl
+    # With the Trainer's token count of the whole accumulated batch, as in a training step.
+    with torch.no_grad():
+        total = torch.tensor(sum(answer_tokens))
+        assert torch.allclose(SFTTrainer.compute_loss(trainer, trainer.model, dict(batches[0]), num_items_in_batch=total),
+                              trainer.compute_loss(trainer.model, dict(batches[0]), num_items_in_batch=total), rtol=1e-5)
     free_model(trainer, model)
+
+
+@pytest.mark.slow
+def test_compiled_training_does_not_recompile_for_a_new_batch(tiny_model_dir, processed_dir, tmp_path):
+    """The precomputed-feature training path with compiled layers (the GPU default) compiles its
+    decoder layers in the first steps, then never again, whatever the batch's length: the attention
+    mask reaches the compiled layers without a base to guard on (speed._mask_without_base).
+    ~40 s of compilation on a CPU (where every recompilation happens in the first step)."""
+    from torch._dynamo.utils import counters
+
+    compiled_frames = {0: counters["frames"]["ok"]}
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            compiled_frames[state.global_step] = counters["frames"]["ok"]
+
+    cfg = small_config(max_steps=20, batch_size=8, compile=True, cache_image_features=True,
+                       precompute_image_features=True, eval_steps=1000, save_steps=1000, logging_steps=5,
+                       load_best_model_at_end=False,
+                       lora={"target_modules": "mlp", "vision_tower": False, "modules_to_save": [], "dropout": 0.0})
+    result = run_training(cfg, tiny_model_dir, processed_dir, None, checkpoint_dir=tmp_path / "ckpt",
+                          callbacks=[Count()], resume=False)
+    assert result.compiled_layers > 0 and result.steps == 20
+    # Two graphs of the decoder layer: evaluation (no grad, the evaluation before the first step)
+    # and training. Each extra one is a recompilation (with a base-guarded mask: two more, one
+    # for a duck-sized length, one for the other layer type's mask layout).
+    assert compiled_frames[20] - compiled_frames[0] == 2, compiled_frames

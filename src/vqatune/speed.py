@@ -29,6 +29,7 @@ tower). The numbers behind each choice are in benchmarks/results/ and the README
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -92,8 +93,30 @@ def _compile_modules(model, class_suffixes: tuple[str, ...], dynamic: bool) -> i
     for module in model.modules():
         if type(module).__name__.endswith(class_suffixes) and hasattr(module, "compile"):
             module.compile(dynamic=dynamic)
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = _mask_without_base(module._compiled_call_impl)
             compiled += 1
     return compiled
+
+
+def _mask_without_base(compiled):
+    """Call ``compiled`` with an ``attention_mask`` that is not a view.
+
+    Gemma 3's decoder layers get their mask as a view of a larger tensor (an unsqueezed [b, q, k]
+    for one layer type, a sliced [b, 1, q, k] for the other), and Dynamo guards on the view's
+    base: its layout differs between the two, so the shared graph recompiled at a step that
+    depends on the batch (1-4 s on an H100, each DDP process at its own step:
+    benchmarks/results/ddp_bench_h100x2_defaults.md). A copy of the mask (b x q x k booleans,
+    ~3 MB at 32 x 300 tokens) has no base to guard on. Outside the compiled region on purpose.
+    """
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask._base is not None:
+            kwargs["attention_mask"] = mask.clone()
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def compile_norms(model, *, dynamic: bool = True) -> int:
@@ -196,6 +219,10 @@ class ImageFeatureCache:
         self._multipliers: torch.Tensor | None = None
         self._core = None
         self._uncached = None
+        # After move_to: every stored feature in one [n, tokens, hidden] table, rows sorted by key.
+        self._table: torch.Tensor | None = None
+        self._key_words: torch.Tensor | None = None  # [n, 2] int64, the sorted keys
+        self._first_words: torch.Tensor | None = None  # their first words, contiguous (searched)
 
     # Keys -----------------------------------------------------------------
     def keys(self, pixel_values: torch.Tensor) -> list[tuple[int, int]]:
@@ -219,6 +246,8 @@ class ImageFeatureCache:
         An int64 [n, 2] tensor is not pixels but ``image_key``s (a keyed training batch): those
         are looked up only, having no pixels to compute from.
         """
+        if is_image_keys(pixel_values) and self._table is not None and pixel_values.device == self._table.device:
+            return self._lookup(pixel_values)
         if is_image_keys(pixel_values):
             # On a GPU, .tolist() waits for the queued work: 16 bytes a row, no hash to compute.
             keys = [tuple(row) for row in pixel_values.tolist()]
@@ -235,6 +264,44 @@ class ImageFeatureCache:
         out = torch.stack([self.store[k] for k in keys])
         return out.to(pixel_values.device, non_blocking=True)
 
+    def _lookup(self, image_keys: torch.Tensor) -> torch.Tensor:
+        """Rows of the table for keyed batch ``image_keys``, found where they are (no host copy)."""
+        first = self._first_words
+        idx = torch.searchsorted(first, image_keys[:, 0].contiguous()).clamp_(max=first.shape[0] - 1)
+        found = (self._key_words.index_select(0, idx) == image_keys).all()
+        # Checked on the device, without waiting for it; a missing key stops the run at the next
+        # synchronisation (on a GPU as a device-side assert).
+        torch._assert_async(found, "image key not precomputed: keyed batches carry no pixels; prefill the "
+                                   "cache with every image first")
+        self.hits += image_keys.shape[0]
+        return self._table.index_select(0, idx)
+
+    def move_to(self, device: str | torch.device, max_bytes: int) -> bool:
+        """Keep every stored feature in one table on ``device`` when it takes at most ``max_bytes``;
+        returns whether it moved.
+
+        Keyed batches are then answered on the device: a binary search of their keys and one
+        gather, where the host path reads the keys back (a GPU sync per micro-batch), stacks 32
+        x 1.3 MB on the host and copies it from pageable memory (the copy blocks the CPU), in a
+        training step that is CPU-bound on an H100 (benchmarks/results/ddp_bench_h100x2_profile_lean.md).
+        Refused (False) when two keys share their first word (searched on), about 2^-64 per pair.
+        """
+        if not self.store or self.memory_bytes() > max_bytes:
+            return False
+        keys = sorted(self.store)  # Python's order of signed ints, as torch.searchsorted's
+        if len({k[0] for k in keys}) != len(keys):
+            return False
+        sample = self.store[keys[0]]
+        table = torch.empty((len(keys), *sample.shape), dtype=sample.dtype, device=device)
+        for i, key in enumerate(keys):  # row by row: no second full copy, on the host or the device
+            table[i].copy_(self.store[key])
+        self._key_words = torch.tensor(keys, dtype=torch.int64, device=table.device)
+        self._first_words = self._key_words[:, 0].contiguous()
+        # The dict keeps views of the table: one copy of the features, in the table.
+        self.store = {k: table[i] for i, k in enumerate(keys)}
+        self._table, self.device = table, table.device
+        return True
+
     def _unseen(self, keys) -> dict[tuple[int, int], int]:
         """Keys not in the store -> the first position of each in ``keys``."""
         todo: dict[tuple[int, int], int] = {}
@@ -247,6 +314,8 @@ class ImageFeatureCache:
         """Store the features of the images whose keys are unseen; returns how many."""
         todo = self._unseen(keys)
         if todo:
+            # New images after move_to: the table no longer holds them all; back to the dict.
+            self._table = self._key_words = self._first_words = None
             with torch.no_grad():
                 fresh = compute(pixel_values[list(todo.values())])
             for key, feats in zip(todo, fresh):
