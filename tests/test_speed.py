@@ -1,6 +1,7 @@
 """The GPU levers compute the same function as the plain path (checked on the tiny model, CPU)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -28,6 +29,24 @@ def _batch(processor, n=3, seed=0):
 
     rows = benchmark_qa(4, processor.image_processor.size["height"], seed=seed)[:n]
     return rows, collate(processor, rows, train=True)
+
+
+@contextlib.contextmanager
+def frozen_with_distinct_image_features(model):
+    """The model frozen (the cache's condition) and its projector random for the test: the tiny
+    model's starts at zero, which gives every image the same features (0). Restored after."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    core = speed._multimodal_core(model)
+    projection = core.multi_modal_projector.mm_input_projection_weight
+    zero = projection.detach().clone()
+    projection.data = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
+    try:
+        yield core
+    finally:
+        projection.data = zero
+        for p in model.parameters():
+            p.requires_grad_(True)
 
 
 def test_image_feature_cache_returns_what_the_tower_computes_and_runs_it_once_per_image(tiny):
@@ -69,13 +88,11 @@ def test_image_feature_cache_prefilled_under_image_keys_answers_keyed_batches(ti
     rows, batch = _batch(processor, n=6, seed=0)
     distinct = len({r.img_id for r in rows})
     assert distinct < len(rows), "two rows must share an image"
-    for p in model.parameters():
-        p.requires_grad_(False)
-    core = speed._multimodal_core(model)
-    # The tiny model's projector starts at zero (every image's features 0): give images features.
-    projection = core.multi_modal_projector.mm_input_projection_weight
-    zero = projection.detach().clone()
-    projection.data = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
+    with frozen_with_distinct_image_features(model) as core:
+        _check_keyed_batches(model, core, rows, batch, distinct)
+
+
+def _check_keyed_batches(model, core, rows, batch, distinct):
     with torch.no_grad():
         ref_features = core.get_image_features(batch["pixel_values"], return_dict=True).pooler_output
         ref = model(**batch).logits
@@ -106,9 +123,6 @@ def test_image_feature_cache_prefilled_under_image_keys_answers_keyed_batches(ti
         assert cache.misses == distinct + 1
     finally:
         cache.uninstall()
-        projection.data = zero
-    for p in model.parameters():
-        p.requires_grad_(True)
 
 
 def test_image_feature_cache_moved_to_one_table_answers_keyed_batches_there(tiny):
@@ -116,12 +130,11 @@ def test_image_feature_cache_moved_to_one_table_answers_keyed_batches_there(tiny
     no .tolist()); a key it lacks fails; a table over budget or a new image keeps the dict."""
     model, processor = tiny
     rows, batch = _batch(processor, n=6, seed=0)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    core = speed._multimodal_core(model)
-    projection = core.multi_modal_projector.mm_input_projection_weight
-    zero = projection.detach().clone()
-    projection.data = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
+    with frozen_with_distinct_image_features(model) as core:
+        _check_table(model, core, rows, batch)
+
+
+def _check_table(model, core, rows, batch):
     keys = speed.image_key_tensor([r.img_id for r in rows])
     cache = speed.install_image_feature_cache(model, training=True)
     try:
@@ -148,9 +161,6 @@ def test_image_feature_cache_moved_to_one_table_answers_keyed_batches_there(tiny
         torch.testing.assert_close(again, from_dict, rtol=0, atol=0)
     finally:
         cache.uninstall()
-        projection.data = zero
-    for p in model.parameters():
-        p.requires_grad_(True)
 
 
 def test_image_feature_cache_refuses_a_trainable_tower_or_an_adapter_on_it(tiny_model_dir):
