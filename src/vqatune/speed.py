@@ -93,6 +93,8 @@ def _compile_modules(model, class_suffixes: tuple[str, ...], dynamic: bool) -> i
     for module in model.modules():
         if type(module).__name__.endswith(class_suffixes) and hasattr(module, "compile"):
             module.compile(dynamic=dynamic)
+            # nn.Module.compile stores the compiled call there (torch >= 2.2); the wrapper runs
+            # before it, outside the graph. Without that attribute the layer stays as compiled.
             if getattr(module, "_compiled_call_impl", None) is not None:
                 module._compiled_call_impl = _mask_without_base(module._compiled_call_impl)
             compiled += 1
@@ -293,7 +295,7 @@ class ImageFeatureCache:
             return False
         sample = self.store[keys[0]]
         table = torch.empty((len(keys), *sample.shape), dtype=sample.dtype, device=device)
-        for i, key in enumerate(keys):  # row by row: no second full copy, on the host or the device
+        for i, key in enumerate(keys):  # row by row: no stacked temporary beside the table
             table[i].copy_(self.store[key])
         self._key_words = torch.tensor(keys, dtype=torch.int64, device=table.device)
         self._first_words = self._key_words[:, 0].contiguous()
