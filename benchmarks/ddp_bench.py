@@ -117,7 +117,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
                                          fp32_residual="bf16_stream" not in options)
     timer = gpu_bench.StepTimer()
     compiles = CompileCounter()
-    callbacks = [timer, compiles]
+    gc_pauses = GcPauses()
+    callbacks = [timer, compiles, gc_pauses]
     profiled = PROFILE_STEPS[size] if "profile" in options else None
     if profiled:
         callbacks.append(profiler_callback(*profiled, gpu_bench.DEV.type))
@@ -159,6 +160,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
         "examples_per_s": len(timed) * global_batch / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
         "median_step_s": statistics.median(step_s[s] for s in timed),
         "steps_with_compilation": compiled,
+        # Python's garbage collector's pauses in the main process, per step (>= 10 ms only).
+        "gc_s": {s: round(t, 3) for s, t in sorted(gc_pauses.seconds.items()) if t >= 0.01},
         "steady_examples_per_s": len(steady) * global_batch / sum(steady) if steady else None,
         "global_batch": global_batch, "gradient_checkpointing": checkpointing,
         "compile": result.compiled_layers > 0,
@@ -186,6 +189,35 @@ def CompileCounter():
             self.frames[state.global_step] = counters["frames"]["ok"]
 
     return _Count()
+
+
+def GcPauses():
+    """Trainer callback: seconds the garbage collector paused this process in each optimizer step
+    (gc.callbacks), to tell a collection from other one-off stalls."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    class _Gc(TrainerCallback):
+        def __init__(self):
+            self.seconds, self._step, self._start = {}, 0, None
+            gc.callbacks.append(self._on_gc)
+
+        def _on_gc(self, phase, info):
+            if phase == "start":
+                self._start = time.perf_counter()
+            elif self._start is not None:
+                step = self._step + 1  # the step in progress
+                self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - self._start
+                self._start = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._step = state.global_step
+
+        def on_train_end(self, args, state, control, **kwargs):
+            gc.callbacks.remove(self._on_gc)
+
+    return _Gc()
 
 
 def parse_options(text: str) -> tuple[str, ...]:

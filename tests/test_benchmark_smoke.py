@@ -98,6 +98,7 @@ def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
     assert (one["per_process_batch"], one["accumulation_steps"]) == (2, 2) and two["per_process_batch"] == 2
     # Nothing compiles on CPU: every timed step is a steady one.
     assert one["steps_with_compilation"] == [] and one["steady_examples_per_s"] > 0 and one["median_step_s"] > 0
+    assert isinstance(one["gc_s"], dict) and all(t >= 0.01 for t in one["gc_s"].values())
     assert "profile" not in one and set(two["profile"]) == {"0", "1"}
     first, last = ddp_bench.PROFILE_STEPS["tiny"]
     for prof in two["profile"].values():
@@ -125,3 +126,23 @@ def test_collate_bench_compares_the_two_collators_on_the_same_rows():
     assert result["keyed_values_bytes"] == 4 * 2 * 8
     assert result["pixel_values_mb"] == round(4 * 3 * result["image_px"] ** 2 * 4 / 1e6, 1)
     assert result["pixel_s"] > 0 and result["keyed_s"] > 0
+
+
+def test_ddp_bench_gc_pauses_are_charged_to_the_step_in_progress():
+    import gc
+
+    import ddp_bench
+
+    pauses = ddp_bench.GcPauses()
+
+    class State:
+        global_step = 3
+
+    try:
+        pauses.on_step_end(None, State, None)  # step 3 ended: step 4 is in progress
+        gc.collect()
+        gc.collect()
+    finally:
+        pauses.on_train_end(None, State, None)
+    assert set(pauses.seconds) == {4} and pauses.seconds[4] > 0
+    assert pauses._on_gc not in gc.callbacks
