@@ -406,6 +406,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     import torch
     from datasets import load_from_disk
     from transformers import EarlyStoppingCallback, set_seed
+
     from .collate import AnswerOnlyCollator
     from .model import (attach_lora, free_model, load_base_model, load_processor,
                         prepare_for_kbit_training, trainable_parameters)
