@@ -106,8 +106,8 @@ def _mask_without_base(compiled):
 
     Gemma 3's decoder layers get their mask as a view of a larger tensor (an unsqueezed [b, q, k]
     for one layer type, a sliced [b, 1, q, k] for the other), and Dynamo guards on the view's
-    base: its layout differs between the two, so the shared graph recompiled at a step that
-    depends on the batch (1-4 s on an H100, each DDP process at its own step:
+    base: its layout differs between the two, so the shared graph compiled twice more, the last
+    time steps into training (a stall on two H100s, each DDP process at its own step:
     benchmarks/results/ddp_bench_h100x2_defaults.md). A copy of the mask (b x q x k booleans,
     ~3 MB at 32 x 300 tokens) has no base to guard on. Outside the compiled region on purpose.
     """
