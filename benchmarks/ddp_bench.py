@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -334,7 +335,7 @@ def write_report(results: dict, out: Path) -> None:
         steady = r.get("steady_examples_per_s")
         lines.append(f"| {key} | {r['per_process_batch']} x {r.get('accumulation_steps', 1)} | "
                      f"{r['examples_per_s']:.2f} | "
-                     f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r.get('median_step_s', float('nan')):.3f} | "
+                     f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r['median_step_s']:.3f} | "
                      + (f"{steady:.2f} ({r['steps_with_compilation']})" if steady else "-")
                      + f" | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
     c = results["curves"]
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
     if not args.tiny:
         # ~8.2 train rows per image at test_size 0.1 (340 images: 2,779 rows).
         needed = TRAIN_STEPS["full"] * scale.train_batch * args.accumulation
-        scale = dataclasses.replace(scale, images=max(scale.images, -(-needed * 105 // 100 * 340 // 2779)))
+        scale = dataclasses.replace(scale, images=max(scale.images, math.ceil(needed * 1.05 * 340 / 2779)))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "gpus": args.gpus, "torch": torch.__version__, "scale": dataclasses.asdict(scale)}

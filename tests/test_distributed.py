@@ -75,32 +75,32 @@ def _train(tmp_path: Path, name: str, model_dir, data_dir, processes: int) -> tu
     assert not (folder / "adapter.tmp").exists() and not (folder / "adapter.partial").exists()
     metrics = json.loads((folder / "train.json").read_text())
     state = json.loads(max((folder / "ckpt").glob("*/checkpoint-*/trainer_state.json")).read_text())
-    losses = [{k: h[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens")}
-              for h in state["log_history"] if "loss" in h]
-    return metrics, load_file(out / "adapter_model.safetensors"), losses
+    logs = [{k: h[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens")}
+            for h in state["log_history"] if "loss" in h]
+    return metrics, load_file(out / "adapter_model.safetensors"), logs
 
 
 def test_two_processes_train_what_one_does_and_only_the_main_one_writes(tiny_model_dir, processed_dir, tmp_path):
-    one, one_weights, one_losses = _train(tmp_path, "one", tiny_model_dir, processed_dir, 1)
-    two, two_weights, two_losses = _train(tmp_path, "two", tiny_model_dir, processed_dir, 2)
+    one, one_weights, one_logs = _train(tmp_path, "one", tiny_model_dir, processed_dir, 1)
+    two, two_weights, two_logs = _train(tmp_path, "two", tiny_model_dir, processed_dir, 2)
 
     assert "(DDP)" in two["device"] and two["device"].startswith("2 x ") and "DDP" not in one["device"]
     assert one["steps"] == two["steps"] == 4 and one["train_rows"] == two["train_rows"]
     # Same global batch (one process: 2 rows x 2 accumulation steps; two: 2 rows each, no
     # accumulation), same order, no dropout: the curves and the adapter agree up to the order
     # of the gradient sums (gloo all-reduce vs one backward).
-    assert len(one_losses) == len(two_losses) == 4
+    assert len(one_logs) == len(two_logs) == 4
     for key in ("loss", "entropy", "mean_token_accuracy"):
-        gap = max(abs(a[key] - b[key]) for a, b in zip(one_losses, two_losses))
-        assert gap < 1e-3, (key, one_losses, two_losses)
+        gap = max(abs(a[key] - b[key]) for a, b in zip(one_logs, two_logs))
+        assert gap < 1e-3, (key, one_logs, two_logs)
     # The logged metrics cover the whole global batch (both processes' sums), not one process's half.
-    assert [a["num_tokens"] for a in one_losses] == [b["num_tokens"] for b in two_losses]
+    assert [a["num_tokens"] for a in one_logs] == [b["num_tokens"] for b in two_logs]
     assert abs(one["eval_loss"] - two["eval_loss"]) < 1e-3
     assert one_weights.keys() == two_weights.keys()
     for key in one_weights:
         assert torch.allclose(one_weights[key], two_weights[key], atol=1e-4), key
     # Training moved the adapter (a check that could fail if the two runs did nothing alike).
-    assert one_losses[0]["loss"] != one_losses[-1]["loss"]
+    assert one_logs[0]["loss"] != one_logs[-1]["loss"]
 
 
 @pytest.mark.slow

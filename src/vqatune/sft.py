@@ -24,10 +24,6 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
-# Order of the device-side sums kept per mode.
-_VALID, _ENTROPY, _CORRECT, _TOKENS = range(4)
-
-
 class LeanSFTTrainer(SFTTrainer):
     """SFTTrainer whose per-micro-batch metrics cost no host or cross-process synchronisation."""
 
@@ -55,9 +51,9 @@ class LeanSFTTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens and DDP averages the gradients.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        # Answer tokens, their entropy and correct top-1 predictions, all tokens (log counts them in training).
         sums = torch.stack([outputs.label_mask.sum().double(), outputs.entropy.detach().sum().double(),
-                            outputs.is_top1.sum().double(),
-                            inputs["attention_mask"].sum().double() if mode == "train" else loss.new_zeros((), dtype=torch.float64)])
+                            outputs.is_top1.sum().double(), inputs["attention_mask"].sum().double()])
         previous = self._metric_sums.get(mode)
         self._metric_sums[mode] = sums if previous is None else previous + sums
         return loss

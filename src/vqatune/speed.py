@@ -249,9 +249,9 @@ class ImageFeatureCache:
         An int64 [n, 2] tensor is not pixels but ``image_key``s (a keyed training batch): those
         are looked up only, having no pixels to compute from.
         """
-        if is_image_keys(pixel_values) and self._table is not None and pixel_values.device == self._table.device:
-            return self._lookup(pixel_values)
         if is_image_keys(pixel_values):
+            if self._table is not None and pixel_values.device == self._table.device:
+                return self._lookup(pixel_values)
             # On a GPU, .tolist() waits for the queued work: 16 bytes a row, no hash to compute.
             keys = [tuple(row) for row in pixel_values.tolist()]
             missing = self._unseen(keys)
