@@ -41,7 +41,7 @@ TIMED_FROM = {"full": 6, "tiny": 1}
 # ``:profile`` runs: torch.profiler over these optimizer steps on every process; the timed window
 # then ends before them (the profiler slows the steps it records).
 PROFILE_STEPS = {"full": (23, 26), "tiny": (4, 5)}
-RUN_OPTIONS = ("profile", "bf16_stream")
+RUN_OPTIONS = ("profile", "bf16_stream", "gc_unfrozen")
 SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 
@@ -97,13 +97,19 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
 
     The global batch is ``batch`` (default: gpu_bench's) x ``accumulation``; the train stage's own rule
     (``distributed.split_global_batch``) decides what each process runs. ``options``: ``profile``
-    (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off)."""
+    (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off),
+    ``gc_unfrozen`` (without the training's ``gc.freeze()`` after its first step)."""
     import gpu_bench
     import torch
 
     from vqatune import distributed
     from vqatune.training import run_training
 
+    if "gc_unfrozen" in options:  # the training without its gc.freeze() after the first step
+        from transformers import TrainerCallback
+
+        from vqatune import speed
+        speed.freeze_gc_after_warmup = TrainerCallback  # a callback that does nothing
     gpu_bench.DEV = gpu_bench.Device()
     if gpu_bench.DEV.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -395,7 +401,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", metavar="PROCESSES[:OPTIONS]",
                     help="training runs in order (default: 1 and --gpus); options, comma-separated: "
                          "profile (torch.profiler over a few steps on every process), bf16_stream "
-                         "(train.fp32_residual off); e.g. --runs 2:profile 2:bf16_stream 1:profile")
+                         "(train.fp32_residual off), gc_unfrozen (no gc.freeze() after step 1); "
+                         "e.g. --runs 2:profile 2:bf16_stream 1:profile")
     ap.add_argument("--options", default="", help=argparse.SUPPRESS)
     ap.add_argument("--name")
     ap.add_argument("--result")

@@ -447,3 +447,34 @@ def test_compile_setting_null_means_on_with_cuda_only():
     assert speed.compile_wanted(None, "cuda") and speed.compile_wanted(None, "cuda:1")
     assert not speed.compile_wanted(None, "cpu")
     assert speed.compile_wanted(True, "cpu") and not speed.compile_wanted(False, "cuda")
+
+
+def test_gc_freeze_keeps_warmup_objects_out_of_collections_until_training_ends():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    callback = speed.freeze_gc_after_warmup()
+    gc.collect()
+    before_step = cycle()  # garbage (a reference cycle) alive when the first step ends
+    callback.on_step_end(None, None, None)
+    frozen = gc.get_freeze_count()
+    try:
+        after_step = cycle()  # made during the steps: collected as usual
+        gc.collect()
+        assert after_step() is None
+        assert before_step() is not None, "frozen at the first step: no collection walks it"
+        callback.on_step_end(None, None, None)  # later steps freeze nothing more
+        assert gc.get_freeze_count() == frozen
+    finally:
+        callback.on_train_end(None, None, None)
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert before_step() is None, "unfrozen when training ends, then collected"

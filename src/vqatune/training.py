@@ -411,7 +411,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
     from .model import (attach_lora, free_model, load_base_model, load_processor,
                         prepare_for_kbit_training, trainable_parameters)
     from .sft import LeanSFTTrainer
-    from .speed import compile_layers, compile_wanted, maybe_install_image_feature_cache
+    from .speed import compile_layers, compile_wanted, freeze_gc_after_warmup, maybe_install_image_feature_cache
 
     set_seed(train_cfg.seed)
 
@@ -472,7 +472,7 @@ def _run_training(train_cfg, model_dir, processed_dir, output_dir, checkpoint_di
                                   train_cfg.max_length, image_keys=precompute)
     step_train_ds, step_eval_ds = ((train_ds.remove_columns("image"), eval_ds.remove_columns("image"))
                                    if precompute else (train_ds, eval_ds))
-    all_callbacks = list(callbacks)
+    all_callbacks = [*callbacks, freeze_gc_after_warmup()]
     if train_cfg.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(train_cfg.early_stopping_patience))
     trainer = LeanSFTTrainer(
