@@ -41,7 +41,7 @@ TIMED_FROM = {"full": 6, "tiny": 1}
 # ``:profile`` runs: torch.profiler over these optimizer steps on every process; the timed window
 # then ends before them (the profiler slows the steps it records).
 PROFILE_STEPS = {"full": (23, 26), "tiny": (4, 5)}
-RUN_OPTIONS = ("profile", "bf16_stream", "gc_unfrozen")
+RUN_OPTIONS = ("profile", "bf16_stream", "gc_unfrozen", "curve")
 SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 
@@ -98,7 +98,10 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     The global batch is ``batch`` (default: gpu_bench's) x ``accumulation``; the train stage's own rule
     (``distributed.split_global_batch``) decides what each process runs. ``options``: ``profile``
     (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off),
-    ``gc_unfrozen`` (without the training's ``gc.freeze()`` after its first step)."""
+    ``gc_unfrozen`` (without the training's ``gc.freeze()`` after its first step), ``curve`` (a loss
+    logged and a device sync at every step, as every run before 2026-11-28 did; otherwise the
+    stage's logging interval, and the timer syncs only at the timed window's edges: a sync per
+    optimizer step costs the DDP run, whose step is half one GPU's rows, twice as often)."""
     import gpu_bench
     import torch
 
@@ -122,11 +125,20 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
                                          compile=None if compile else False,  # None: the stage's default
                                          gradient_accumulation_steps=accumulation,
                                          fp32_residual="bf16_stream" not in options)
-    timer = gpu_bench.StepTimer()
+    first = TIMED_FROM[size]
+    profiled = PROFILE_STEPS[size] if "profile" in options else None
+    per_step = "curve" in options
+    if not per_step:
+        from vqatune.training import TrainConfig
+
+        # The train stage's default interval (three losses in the tiny run's six steps).
+        cfg.logging_steps = min(TrainConfig.logging_steps, TRAIN_STEPS[size] // 3)
+    last = profiled[0] - 2 if profiled else TRAIN_STEPS[size]
+    sync_at = {first, last} | ({profiled[0] - 1, profiled[1]} if profiled else set())
+    timer = gpu_bench.StepTimer(None if per_step else sync_at)
     compiles = CompileCounter()
     gc_pauses = GcPauses()
     callbacks = [timer, compiles, gc_pauses]
-    profiled = PROFILE_STEPS[size] if "profile" in options else None
     if profiled:
         callbacks.append(profiler_callback(*profiled, gpu_bench.DEV.type))
     gpu_bench.DEV.reset()
@@ -139,8 +151,7 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
                                            / profile["steps"], 4)
         rank = os.environ.get("RANK", "0")
         result_path.with_name(f"{result_path.stem}_profile_rank{rank}.json").write_text(json.dumps(profile, indent=2))
-    first = TIMED_FROM[size]
-    timed = [s for s in sorted(timer.times) if s > first and (not profiled or s < profiled[0] - 1)]
+    timed = [s for s in sorted(timer.times) if first < s <= last]
     # Steps in which any process compiled (a recompile is a one-off stall of 1-4 s, at a step that
     # depends on the batch, and every process waits for it): left out of the steady-state
     # figures, kept in examples_per_s.
@@ -161,11 +172,14 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     ordered = sorted(timer.times)
     step_s = {s: round(timer.times[s] - timer.times[p], 3) for p, s in zip(ordered, ordered[1:])}
     steady = [step_s[s] for s in timed if s not in compiled]
-    losses = [h["loss"] for h in result.log_history if "loss" in h and "eval_loss" not in h]
+    logged = [h for h in result.log_history if "loss" in h and "eval_loss" not in h]
     result_path.write_text(json.dumps({
         "processes": distributed.world_size(), "device": result.device,
         "examples_per_s": len(timed) * global_batch / seconds, "timed_steps": f"{first + 1}..{timed[-1]}",
         "median_step_s": statistics.median(step_s[s] for s in timed),
+        # False: steps between the window's edges are not synchronised (their times are the CPU's
+        # view; the window's total is exact).
+        "per_step_sync": per_step,
         "steps_with_compilation": compiled,
         # Python's garbage collector's pauses in the main process, per step (>= 10 ms only).
         "gc_s": {s: round(t, 3) for s, t in sorted(gc_pauses.seconds.items()) if t >= 0.01},
@@ -175,7 +189,8 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
         "precompute_image_features": cfg.precompute_image_features, "per_process_batch": per_process,
         "accumulation_steps": steps, "step_s": step_s,
         "peak_gib_main_process": result.peak_memory_gib, "precision": result.precision,
-        "losses": losses, "eval_loss": result.eval_loss, "steps": result.steps,
+        "losses": [h["loss"] for h in logged], "loss_steps": [h["step"] for h in logged],
+        "logging_steps": cfg.logging_steps, "eval_loss": result.eval_loss, "steps": result.steps,
         "options": list(options), "fp32_residual": result.fp32_residual,
     }, indent=2) + "\n")
 
@@ -345,7 +360,13 @@ def write_report(results: dict, out: Path) -> None:
                      + (f"{steady:.2f} ({r['steps_with_compilation']})" if steady else "-")
                      + f" | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
     c = results["curves"]
-    lines += ["", f"Loss curves over {c['steps']} steps (same batches, dropout off): mean |1 - {results['gpus']}| "
+    logging = one.get("logging_steps", 1)
+    lines += ["", (f"Timing: the timer syncs the device only at the window's edges; losses logged every "
+                   f"{logging} steps (the stage's interval), so the median column is the CPU's view."
+                   if not one.get("per_step_sync", True) else
+                   "Timing: a device sync and a logged loss at every step (the `curve` option)."),
+              "", f"Loss curves over {c['steps']} logged losses, every {logging} step(s) (same batches, dropout off): "
+                  f"mean |1 - {results['gpus']}| "
                   f"{c['mean_abs_diff']:.4f}, max {c['max_abs_diff']:.4f} (mean loss {c['mean_loss']:.3f}).",
               f"Scaling {results['scaling']:.2f}x (target 1.8x): {'met' if results['scaling'] >= 1.8 else 'NOT met'}; "
               f"medians of the step times {results['scaling_medians']:.2f}x"
@@ -370,7 +391,7 @@ def plot(results_path: Path, png: Path) -> None:
     runs = results["training"].values()
     for processes, style in ((1, "-o"), (results["gpus"], "--x")):
         r = next(r for r in runs if r["processes"] == processes)
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], style, markersize=3,
+        ax.plot(r.get("loss_steps") or range(1, len(r["losses"]) + 1), r["losses"], style, markersize=3,
                 label=f"{r['processes']} GPU(s), batch {r['per_process_batch']} per process")
     ax.set_xlabel("optimizer step (global batch %d)" % r["global_batch"])
     ax.set_ylabel("training loss")
@@ -434,9 +455,10 @@ def main(argv=None) -> int:
     if args.batch:
         scale = dataclasses.replace(scale, train_batch=args.batch)
     if not args.tiny:
-        # ~8.2 train rows per image at test_size 0.1 (340 images: 2,779 rows).
+        # ~8.2 train rows per image at test_size 0.1 (340 images: 2,779 rows), of which the
+        # training holds out train.eval_fraction's images (0.1) for its eval loss.
         needed = TRAIN_STEPS["full"] * scale.train_batch * args.accumulation
-        scale = dataclasses.replace(scale, images=max(scale.images, math.ceil(needed * 1.05 * 340 / 2779)))
+        scale = dataclasses.replace(scale, images=max(scale.images, math.ceil(needed * 1.05 / 0.9 * 340 / 2779)))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "gpus": args.gpus, "torch": torch.__version__, "scale": dataclasses.asdict(scale)}
@@ -451,8 +473,8 @@ def main(argv=None) -> int:
     rows = load_from_disk(str(work / "processed"))["train"].num_rows
     needed = TRAIN_STEPS["tiny" if args.tiny else "full"] * (scale.train_batch * args.accumulation)
     results["train_rows"] = rows
-    if rows < needed:
-        log.warning("%d train rows < %d: the timed steps cross an epoch boundary", rows, needed)
+    if rows * 0.9 < needed:  # less the images held out for the eval loss
+        log.warning("~%d training rows < %d: the timed steps cross an epoch boundary", rows * 0.9, needed)
     results["training"] = {}
     for spec in args.runs or ["1", str(args.gpus)]:
         processes, options = parse_run(spec)

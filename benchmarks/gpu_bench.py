@@ -237,9 +237,13 @@ def tool_setup(out: str, work: str, scale: Scale, tiny: bool) -> tuple[Device, P
 
 
 class StepTimer:
-    """Trainer callback: wall time of each optimizer step (synchronised), to time a steady window."""
+    """Trainer callback: wall time at the end of each optimizer step, to time a steady window.
 
-    def __new__(cls):
+    ``sync_steps``: the steps whose time waits for the device first (default: every step). A
+    window timed between two synchronised steps is exact; the steps between them are not held
+    up by the timer (the train stage itself waits for the device only when it logs)."""
+
+    def __new__(cls, sync_steps=None):
         from transformers import TrainerCallback
 
         class _Timer(TrainerCallback):
@@ -247,7 +251,8 @@ class StepTimer:
                 self.times = {}
 
             def on_step_end(self, args, state, control, **kwargs):
-                DEV.sync()
+                if sync_steps is None or state.global_step in sync_steps:
+                    DEV.sync()
                 self.times[state.global_step] = time.perf_counter()
 
         return _Timer()

@@ -59,8 +59,24 @@ def test_prompt_image_and_padding_are_masked(processor, rows, padding_side):
     lengths = attn.sum(dim=1)
     shortest = int(lengths.argmin())
     pad_at = 0 if padding_side == "left" else -1
-    assert attn[shortest, pad_at] == 0 and lengths.max() == ids.shape[1]
+    assert attn[shortest, pad_at] == 0
+    # The width is the longest row rounded up to a multiple of 8 (the compiled layers' alignment).
+    assert ids.shape[1] % 8 == 0 and ids.shape[1] - 8 < lengths.max() <= ids.shape[1]
     assert batch["pixel_values"].shape == (len(rows), 3, 64, 64)
+
+
+def test_pad_to_multiple_of_one_pads_to_the_longest_row_and_keeps_the_loss_targets(processor, rows):
+    aligned = AnswerOnlyCollator(processor, "none")(rows)
+    tight = AnswerOnlyCollator(processor, "none", pad_to_multiple_of=1)(rows)
+    width = int(tight["attention_mask"].sum(dim=1).max())
+    assert tight["input_ids"].shape[1] == width and aligned["input_ids"].shape[1] == -(-width // 8) * 8
+    # Right padding: the aligned batch is the tight one plus padding columns.
+    for key, pad in (("input_ids", processor.tokenizer.pad_token_id), ("labels", IGNORE_INDEX),
+                     ("attention_mask", 0), ("token_type_ids", 0)):
+        assert torch.equal(aligned[key][:, :width], tight[key])
+        assert (aligned[key][:, width:] == pad).all()
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        AnswerOnlyCollator(processor, "none", pad_to_multiple_of=0)
 
 
 def test_answer_text_is_the_rendered_assistant_turn(processor, rows):
@@ -72,7 +88,7 @@ def test_answer_text_is_the_rendered_assistant_turn(processor, rows):
 
 def test_max_length_cuts_the_answer_never_the_prompt(processor, rows):
     full = AnswerOnlyCollator(processor, "none")(rows[-1:])
-    prompt_len = int((full["labels"][0] == IGNORE_INDEX).sum())
+    prompt_len = int(((full["labels"][0] == IGNORE_INDEX) & (full["attention_mask"][0] == 1)).sum())
     collator = AnswerOnlyCollator(processor, "none", max_length=prompt_len + 1)
     batch = collator(rows[-1:])
     assert batch["input_ids"].shape[1] == prompt_len + 1

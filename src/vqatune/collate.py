@@ -59,6 +59,12 @@ class AnswerOnlyCollator:
     Prompts are never truncated (Gemma 3 needs every image token); with ``max_length`` the answer
     tail is cut and ``truncated`` counts the rows it happened to.
 
+    ``pad_to_multiple_of``: batches are padded to a width that is a multiple of it (8 by default).
+    The compiled layers' graph assumes the width it first saw is 8-aligned (an Inductor guard);
+    a batch of another width compiled it again, a 16 s stall at step 29 on two H100s
+    (benchmarks/results/ddp_bench_h100x2_batch64.md). The extra columns are padding: masked out
+    of attention and loss, so the loss is unchanged. Never padded past ``max_length``.
+
     ``image_keys``: no image is processed; ``pixel_values`` holds each row's ``image_key`` of its
     ``img_id`` (int64 [n, 2]) for an ``ImageFeatureCache`` prefilled under those keys, and the
     prompt's image tokens come from expanding its placeholder as the processor does. Token
@@ -73,6 +79,7 @@ class AnswerOnlyCollator:
     padding_side: str = "right"
     max_length: Optional[int] = None
     image_keys: bool = False
+    pad_to_multiple_of: int = 8
     truncated: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +87,8 @@ class AnswerOnlyCollator:
             raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {', '.join(PROMPT_MODES)}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side {self.padding_side!r} is not 'left' or 'right'")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of {self.pad_to_multiple_of} is not a positive width")
         self.pad_token_id = self.processor.tokenizer.pad_token_id
         if self.image_keys:
             image_prompt_texts(self.processor, [], remedy=self._REMEDY)  # refuse a processor now, not mid-run
@@ -123,7 +132,10 @@ class AnswerOnlyCollator:
         return batch
 
     def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
+        longest = max(len(r) for r in rows)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.max_length is not None:  # never wider than max_length for padding's sake
+            width = max(longest, min(width, self.max_length))
         out = torch.full((len(rows), width), value, dtype=torch.long)
         for i, row in enumerate(rows):
             if self.padding_side == "left":
