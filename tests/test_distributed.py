@@ -7,6 +7,7 @@ process, which must give the same loss curve and adapter.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,50 @@ def test_sigterm_to_a_two_process_stage_leaves_a_partial_adapter_and_the_rerun_r
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["resumed"] and metrics["resumed_from_step"] >= 4 and metrics["steps"] == 40
     assert "(DDP)" in metrics["device"] and (out / "adapter_model.safetensors").exists()
+
+
+_DDP_COMPILE_SCRIPT = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+from torch._dynamo.backends import distributed as dynamo_ddp
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from peft import LoraConfig, get_peft_model
+from vqatune import speed
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+splitters = []
+original_init = dynamo_ddp.DDPOptimizer.__init__
+def spy(self, *args, **kwargs):
+    splitters.append(1)
+    original_init(self, *args, **kwargs)
+dynamo_ddp.DDPOptimizer.__init__ = spy
+torch.manual_seed(0)
+config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8)
+model = get_peft_model(Gemma3ForCausalLM(config), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+layers = speed.compile_layers(model, towers=("DecoderLayer",))
+if sys.argv[1] == "ddp_optimizer":  # what Dynamo does by default
+    torch._dynamo.config.optimize_ddp = True
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+ids = torch.randint(0, 128, (2, 12))
+ddp(input_ids=ids, labels=ids).loss.backward()
+grads = sum(p.grad is not None for p in model.parameters() if p.requires_grad)
+print(json.dumps({"layers": layers, "splitters": len(splitters), "grads": grads}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["project", "ddp_optimizer"])
+def test_compiled_layers_are_not_cut_into_buckets_under_ddp(mode):
+    # Dynamo's DDPOptimizer cut each compiled MedGemma layer in two inside its MLP on every DDP
+    # process (speed._compile_modules); the project turns it off. The default run shows the spy
+    # does see it, so the project's zero is not a spy that never fires.
+    port = "29571" if mode == "project" else "29572"
+    done = subprocess.run([sys.executable, "-c", _DDP_COMPILE_SCRIPT, mode, port], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TORCHDYNAMO_SUPPRESS_ERRORS": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["layers"] == 2 and out["grads"] == 12  # 2 layers x 3 projections x (lora_A, lora_B)
+    assert out["splitters"] == (0 if mode == "project" else 2)

@@ -89,6 +89,13 @@ def _compile_modules(model, class_suffixes: tuple[str, ...], dynamic: bool) -> i
     # A speed lever must not stop a training or an evaluation: where compiling fails (e.g. no C
     # compiler for triton's launcher), torch runs the module eagerly and logs why.
     torch._dynamo.config.suppress_errors = True
+    # Under DDP, Dynamo's DDPOptimizer cuts every graph it compiles at DDP's bucket sizes (the
+    # first bucket: 1 MiB) so that an all-reduce can start inside that graph's backward. With
+    # the graphs already one layer each, that only cut each MedGemma layer in two, inside its
+    # MLP (between gate_proj's lora_A and lora_B: 1.1 MiB of bf16 LoRA weights behind it), on
+    # every process and not on one GPU; DDP's own hooks still all-reduce each layer's gradients
+    # as its backward ends. tests/test_distributed.py checks the layers are compiled whole.
+    torch._dynamo.config.optimize_ddp = False
     compiled = 0
     for module in model.modules():
         if type(module).__name__.endswith(class_suffixes) and hasattr(module, "compile"):
