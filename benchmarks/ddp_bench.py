@@ -422,7 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", metavar="PROCESSES[:OPTIONS]",
                     help="training runs in order (default: 1 and --gpus); options, comma-separated: "
                          "profile (torch.profiler over a few steps on every process), bf16_stream "
-                         "(train.fp32_residual off), gc_unfrozen (no gc.freeze() after step 1); "
+                         "(train.fp32_residual off), gc_unfrozen (no gc.freeze() after step 1), curve (a "
+                         "device sync and a logged loss at every step); "
                          "e.g. --runs 2:profile 2:bf16_stream 1:profile")
     ap.add_argument("--options", default="", help=argparse.SUPPRESS)
     ap.add_argument("--name")
