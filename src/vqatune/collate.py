@@ -60,10 +60,10 @@ class AnswerOnlyCollator:
     tail is cut and ``truncated`` counts the rows it happened to.
 
     ``pad_to_multiple_of``: batches are padded to a width that is a multiple of it (8 by default).
-    The compiled layers' graph assumes the width it first saw is 8-aligned (an Inductor guard);
-    a batch of another width compiled it again, a 16 s stall at step 29 on two H100s
-    (benchmarks/results/ddp_bench_h100x2_batch64_per_step.md). The extra columns are padding: masked out
-    of attention and loss, so the loss is unchanged. Never padded past ``max_length``.
+    The compiled layers' graph assumes the width it first saw is 8-aligned (an Inductor guard); a
+    batch of another width compiled it again, a 16 s stall at step 29 on two H100s
+    (benchmarks/results/ddp_bench_h100x2_batch64_per_step.md). The extra columns are padding,
+    masked out of attention and loss, so the loss is unchanged. Never padded past ``max_length``.
 
     ``image_keys``: no image is processed; ``pixel_values`` holds each row's ``image_key`` of its
     ``img_id`` (int64 [n, 2]) for an ``ImageFeatureCache`` prefilled under those keys, and the

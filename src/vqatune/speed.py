@@ -143,7 +143,8 @@ def freeze_gc_after_warmup():
     from transformers import TrainerCallback
 
     class _FreezeGc(TrainerCallback):
-        frozen = False
+        def __init__(self):
+            self.frozen = False
 
         def on_step_end(self, args, state, control, **kwargs):
             if not self.frozen:
