@@ -89,7 +89,7 @@ def test_bad_tune_values_name_the_key(raw, message):
         section({"tune": raw}, "tune", TuneConfig)
 
 
-def test_the_study_name_changes_with_what_trials_depend_on_and_nothing_else(tmp_path):
+def test_the_study_name_changes_with_what_trials_depend_on_and_nothing_else(tmp_path, monkeypatch):
     from vqatune.training import TrainConfig
 
     model, data = tmp_path / "model", tmp_path / "data" / "train"
@@ -114,6 +114,11 @@ def test_the_study_name_changes_with_what_trials_depend_on_and_nothing_else(tmp_
     assert renamed(epochs=0.5) != name and renamed(sampler="random") != name
     assert study_name_for(cfg, build(TrainConfig, {"batch_size": 2}, "train"), model, data.parent) != name
     (data / "state.json").write_text('{"_fingerprint": "def"}')
+    assert study_name_for(cfg, train, model, data.parent) != name
+    (data / "state.json").write_text('{"_fingerprint": "abc"}')
+    assert study_name_for(cfg, train, model, data.parent) == name
+    # Other code: its trials' numbers may not be this code's.
+    monkeypatch.setattr("vqatune.training.code_signature", lambda: "other")
     assert study_name_for(cfg, train, model, data.parent) != name
 
 

@@ -432,3 +432,18 @@ def test_compiled_training_does_not_recompile_for_a_new_batch(tiny_model_dir, pr
     # and training. Each extra one is a recompilation (with a base-guarded mask: two more, one
     # for a duck-sized length, one for the other layer type's mask layout).
     assert compiled_frames[20] - compiled_frames[0] == 2, compiled_frames
+
+
+def test_run_key_changes_with_the_code_so_another_codes_checkpoint_is_not_resumed(tmp_path, monkeypatch):
+    from vqatune import training
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    data.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64}')
+    cfg = training.TrainConfig()
+    key = training.run_key(cfg, model, data, None)
+    assert training.run_key(cfg, model, data, None) == key  # same code, same inputs: resumable
+    assert len(training.code_signature()) == 12
+    monkeypatch.setattr(training, "code_signature", lambda: "other")
+    assert training.run_key(cfg, model, data, None) != key

@@ -446,21 +446,21 @@ def training_objective(cfg: TuneConfig, train_cfg, model_dir, processed_dir, *,
 
 
 def study_name_for(cfg: TuneConfig, train_cfg, model_dir, processed_dir) -> str:
-    """``study_name`` plus a key of every input that changes what a trial returns.
+    """``study_name`` plus a key of every input that changes what a trial returns, the code included.
 
     `train:` values the budget or the search replace don't change a trial and stay out of the
     key, so tweaking one (train.learning_rate, say) resumes the study instead of restarting it;
     so do n_trials, timeout, storage and heartbeats: raise n_trials and only new trials run.
     """
     from .config import as_dict
-    from .training import apply_overrides
+    from .training import apply_overrides, code_signature
 
     fixed = {key: spec.choices[0] if spec.kind == "categorical" else (int(spec.low) if spec.kind == "int" else spec.low)
              for key, spec in cfg.search_space.items()}
     key_cfg = apply_overrides(train_cfg, {**trial_budget(cfg), **fixed})
     # Trials train on one process each, whatever train.num_processes says for the train stage.
     train_key = {k: v for k, v in as_dict(key_cfg).items() if k != "num_processes"}
-    inputs = {"train": train_key, "model": folder_signature(model_dir),
+    inputs = {"code": code_signature(), "train": train_key, "model": folder_signature(model_dir),
               "data": folder_signature(processed_dir)}
     return f"{cfg.study_name}-{study_key(cfg, json.dumps(inputs, sort_keys=True, default=str))}"
 

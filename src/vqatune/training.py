@@ -263,10 +263,20 @@ def _files_signature(folder: Path, content_suffixes: tuple[str, ...]) -> str:
     return digest.hexdigest()[:12]
 
 
+def code_signature() -> str:
+    """The package's own source (every ``vqatune/*.py``, by content): a checkpoint or a search
+    trial made by other code is never resumed, as the numbers it holds may not be this code's."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) -> str:
     """Everything that determines the trained weights: a checkpoint of another key is never resumed."""
     # The processes actually running, not the param: VQATUNE_NUM_PROCESSES can override it.
     ident = {
+        "code": code_signature(),
         "train": {**as_dict(train_cfg), "num_processes": distributed.world_size()},
         "model": _files_signature(Path(model_dir), (".json",)),
         "data": _files_signature(Path(processed_dir), (".json",)),
