@@ -106,7 +106,7 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     import torch
 
     from vqatune import distributed
-    from vqatune.training import run_training
+    from vqatune.training import TrainConfig, run_training
 
     if "gc_unfrozen" in options:  # the training without its gc.freeze() after the first step
         from transformers import TrainerCallback
@@ -129,8 +129,6 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     profiled = PROFILE_STEPS[size] if "profile" in options else None
     per_step = "curve" in options
     if not per_step:
-        from vqatune.training import TrainConfig
-
         # The train stage's default interval (three losses in the tiny run's six steps).
         cfg.logging_steps = min(TrainConfig.logging_steps, TRAIN_STEPS[size] // 3)
     last = profiled[0] - 2 if profiled else TRAIN_STEPS[size]
@@ -453,13 +451,16 @@ def main(argv=None) -> int:
     # in 40 steps of 64 (results/ddp_bench_h100x2_accumulation.md: curves apart from step 13).
     # 340 images: ~2,700 train rows (~9 QA per image) for 30 steps of 64.
     scale = gpu_bench.TINY if args.tiny else dataclasses.replace(gpu_bench.FULL, images=340, test_size=0.1)
+    from vqatune.training import TrainConfig
+
+    kept = 1 - TrainConfig.eval_fraction  # share of the train rows the training trains on
     if args.batch:
         scale = dataclasses.replace(scale, train_batch=args.batch)
     if not args.tiny:
         # ~8.2 train rows per image at test_size 0.1 (340 images: 2,779 rows), of which the
-        # training holds out train.eval_fraction's images (0.1) for its eval loss.
+        # training holds out train.eval_fraction's images for its eval loss.
         needed = TRAIN_STEPS["full"] * scale.train_batch * args.accumulation
-        scale = dataclasses.replace(scale, images=max(scale.images, math.ceil(needed * 1.05 / 0.9 * 340 / 2779)))
+        scale = dataclasses.replace(scale, images=max(scale.images, math.ceil(needed * 1.05 / kept * 340 / 2779)))
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     results = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "gpus": args.gpus, "torch": torch.__version__, "scale": dataclasses.asdict(scale)}
@@ -474,8 +475,8 @@ def main(argv=None) -> int:
     rows = load_from_disk(str(work / "processed"))["train"].num_rows
     needed = TRAIN_STEPS["tiny" if args.tiny else "full"] * (scale.train_batch * args.accumulation)
     results["train_rows"] = rows
-    if rows * 0.9 < needed:  # less the images held out for the eval loss
-        log.warning("~%d training rows < %d: the timed steps cross an epoch boundary", rows * 0.9, needed)
+    if rows * kept < needed:  # less the images held out for the eval loss
+        log.warning("~%d training rows < %d: the timed steps cross an epoch boundary", rows * kept, needed)
     results["training"] = {}
     for spec in args.runs or ["1", str(args.gpus)]:
         processes, options = parse_run(spec)
