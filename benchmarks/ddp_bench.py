@@ -41,7 +41,7 @@ TIMED_FROM = {"full": 6, "tiny": 1}
 # ``:profile`` runs: torch.profiler over these optimizer steps on every process; the timed window
 # then ends before them (the profiler slows the steps it records).
 PROFILE_STEPS = {"full": (23, 26), "tiny": (4, 5)}
-RUN_OPTIONS = ("profile", "bf16_stream", "gc_unfrozen", "curve")
+RUN_OPTIONS = ("profile", "bf16_stream", "gc_unfrozen", "curve", "ddp_optimizer")
 SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 
@@ -98,7 +98,9 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     The global batch is ``batch`` (default: gpu_bench's) x ``accumulation``; the train stage's own rule
     (``distributed.split_global_batch``) decides what each process runs. ``options``: ``profile``
     (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off),
-    ``gc_unfrozen`` (without the training's ``gc.freeze()`` after its first step), ``curve`` (a loss
+    ``gc_unfrozen`` (without the training's ``gc.freeze()`` after its first step), ``ddp_optimizer``
+    (Dynamo's DDPOptimizer on, as before 2026-11-28: it cut each compiled layer at DDP's bucket
+    edges), ``curve`` (a loss
     logged and a device sync at every step, as every run before 2026-11-28 did; otherwise the
     stage's logging interval, and the timer syncs only at the timed window's edges: a sync per
     optimizer step costs the DDP run, whose step is half one GPU's rows, twice as often)."""
@@ -108,6 +110,17 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     from vqatune import distributed
     from vqatune.training import TrainConfig, run_training
 
+    if "ddp_optimizer" in options:  # Dynamo's DDPOptimizer back on (speed turns it off)
+        import torch._dynamo
+
+        from vqatune import speed
+        compile_modules = speed._compile_modules
+
+        def with_ddp_optimizer(*args, **kwargs):
+            compiled = compile_modules(*args, **kwargs)
+            torch._dynamo.config.optimize_ddp = True
+            return compiled
+        speed._compile_modules = with_ddp_optimizer
     if "gc_unfrozen" in options:  # the training without its gc.freeze() after the first step
         from transformers import TrainerCallback
 
@@ -420,7 +433,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", metavar="PROCESSES[:OPTIONS]",
                     help="training runs in order (default: 1 and --gpus); options, comma-separated: "
                          "profile (torch.profiler over a few steps on every process), bf16_stream "
-                         "(train.fp32_residual off), gc_unfrozen (no gc.freeze() after step 1), curve (a "
+                         "(train.fp32_residual off), gc_unfrozen (no gc.freeze() after step 1), ddp_optimizer "
+                         "(Dynamo's DDPOptimizer on: layers cut at DDP's buckets), curve (a "
                          "device sync and a logged loss at every step); "
                          "e.g. --runs 2:profile 2:bf16_stream 1:profile")
     ap.add_argument("--options", default="", help=argparse.SUPPRESS)
