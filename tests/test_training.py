@@ -447,3 +447,25 @@ def test_run_key_changes_with_the_code_so_another_codes_checkpoint_is_not_resume
     assert len(training.code_signature()) == 12
     monkeypatch.setattr(training, "code_signature", lambda: "other")
     assert training.run_key(cfg, model, data, None) != key
+
+
+def test_run_key_follows_the_data_and_config_but_not_datasets_cache_files(tmp_path):
+    """A shuffle's cache file beside the data must not orphan a killed run's checkpoints; a
+    changed config or a resized weights file must."""
+    from vqatune import training
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    data.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64}')
+    (model / "model.safetensors").write_bytes(b"\0" * 100)
+    (data / "dataset_info.json").write_text('{"fingerprint": "a"}')
+    cfg = training.TrainConfig()
+    key = training.run_key(cfg, model, data, None)
+    (data / "cache-0123abcd.arrow").write_bytes(b"indices")
+    assert training.run_key(cfg, model, data, None) == key
+    (data / "dataset_info.json").write_text('{"fingerprint": "b"}')
+    changed_data = training.run_key(cfg, model, data, None)
+    assert changed_data != key
+    (model / "model.safetensors").write_bytes(b"\0" * 101)
+    assert training.run_key(cfg, model, data, None) != changed_data

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from .config import ConfigError, require
+from .provenance import folder_signature
 from .search_workers import SearchError, run_worker, trial_counts  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -220,23 +221,6 @@ def open_storage(cfg: TuneConfig):
             cfg.storage, engine_kwargs=engine_kwargs,
             heartbeat_interval=cfg.heartbeat_seconds, grace_period=cfg.grace_seconds,
         )
-
-
-def folder_signature(folder) -> str:
-    """Identity of a model or dataset folder: small JSON files by content, the rest by size.
-
-    Hashing an 8 GB checkpoint for every worker would cost minutes; names, sizes and the configs
-    and dataset fingerprints in the JSON files identify it. ``datasets`` cache files (written
-    beside a loaded dataset by shuffle/select) are left out: they don't change the data.
-    """
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        if file.name.startswith("cache-") and file.suffix == ".arrow":
-            continue
-        digest.update(str(file.relative_to(folder)).encode())
-        small_json = file.suffix == ".json" and file.stat().st_size < 1 << 20
-        digest.update(file.read_bytes() if small_json else str(file.stat().st_size).encode())
-    return digest.hexdigest()[:12]
 
 
 def make_sampler(cfg: TuneConfig, seed: int):

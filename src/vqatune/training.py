@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 from . import distributed
 from .config import ConfigError, as_dict, build, require
 from .model import LoraSettings
+from .provenance import folder_signature
 
 log = logging.getLogger(__name__)
 
@@ -247,22 +248,6 @@ def split_train_eval(train, eval_fraction: float, seed: int, max_eval_rows: Opti
 # Checkpoints
 # --------------------------------------------------------------------------------------
 
-def _files_signature(folder: Path, content_suffixes: tuple[str, ...]) -> str:
-    """Cheap identity of a model or dataset folder: small files by content, large ones by size.
-
-    Hashing an 8 GB checkpoint on every stage run would cost minutes; names + sizes + the
-    configs and dataset fingerprints in the small JSON files identify it well enough here.
-    """
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(folder)).encode())
-        if file.suffix in content_suffixes and file.stat().st_size < 1 << 20:
-            digest.update(file.read_bytes())
-        else:
-            digest.update(str(file.stat().st_size).encode())
-    return digest.hexdigest()[:12]
-
-
 def code_signature() -> str:
     """The package's own source (every ``vqatune/*.py``, by content): a checkpoint or a search
     trial made by other code is never resumed, as the numbers it holds may not be this code's."""
@@ -278,8 +263,8 @@ def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) ->
     ident = {
         "code": code_signature(),
         "train": {**as_dict(train_cfg), "num_processes": distributed.world_size()},
-        "model": _files_signature(Path(model_dir), (".json",)),
-        "data": _files_signature(Path(processed_dir), (".json",)),
+        "model": folder_signature(model_dir),
+        "data": folder_signature(processed_dir),
         "max_train_rows": max_train_rows,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
