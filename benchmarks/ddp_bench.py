@@ -100,10 +100,10 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     (torch.profiler over PROFILE_STEPS on every process), ``bf16_stream`` (train.fp32_residual off),
     ``gc_unfrozen`` (without the training's ``gc.freeze()`` after its first step), ``ddp_optimizer``
     (Dynamo's DDPOptimizer on, as before 2026-11-28: it cut each compiled layer at DDP's bucket
-    edges), ``curve`` (a loss
-    logged and a device sync at every step, as every run before 2026-11-28 did; otherwise the
-    stage's logging interval, and the timer syncs only at the timed window's edges: a sync per
-    optimizer step costs the DDP run, whose step is half one GPU's rows, twice as often)."""
+    edges), ``curve`` (a loss logged and a device sync at every step, as every run before
+    2026-11-28 did; otherwise the stage's logging interval, and the timer syncs only at the timed
+    window's edges: a sync per optimizer step costs the DDP run, whose step is half one GPU's rows,
+    twice as often)."""
     import gpu_bench
     import torch
 
