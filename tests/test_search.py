@@ -118,7 +118,7 @@ def test_the_study_name_changes_with_what_trials_depend_on_and_nothing_else(tmp_
     (data / "state.json").write_text('{"_fingerprint": "abc"}')
     assert study_name_for(cfg, train, model, data.parent) == name
     # Other code: its trials' numbers may not be this code's.
-    monkeypatch.setattr("vqatune.training.code_signature", lambda: "other")
+    monkeypatch.setattr("vqatune.search.code_signature", lambda: "other")
     assert study_name_for(cfg, train, model, data.parent) != name
 
 

@@ -434,13 +434,18 @@ def test_compiled_training_does_not_recompile_for_a_new_batch(tiny_model_dir, pr
     assert compiled_frames[20] - compiled_frames[0] == 2, compiled_frames
 
 
-def test_run_key_changes_with_the_code_so_another_codes_checkpoint_is_not_resumed(tmp_path, monkeypatch):
-    from vqatune import training
-
+def _run_key_inputs(tmp_path):
     model, data = tmp_path / "model", tmp_path / "data"
     model.mkdir()
     data.mkdir()
     (model / "config.json").write_text('{"hidden_size": 64}')
+    return model, data
+
+
+def test_run_key_changes_with_the_code_so_another_codes_checkpoint_is_not_resumed(tmp_path, monkeypatch):
+    from vqatune import training
+
+    model, data = _run_key_inputs(tmp_path)
     cfg = training.TrainConfig()
     key = training.run_key(cfg, model, data, None)
     assert training.run_key(cfg, model, data, None) == key  # same code, same inputs: resumable
@@ -454,10 +459,7 @@ def test_run_key_follows_the_data_and_config_but_not_datasets_cache_files(tmp_pa
     changed config or a resized weights file must."""
     from vqatune import training
 
-    model, data = tmp_path / "model", tmp_path / "data"
-    model.mkdir()
-    data.mkdir()
-    (model / "config.json").write_text('{"hidden_size": 64}')
+    model, data = _run_key_inputs(tmp_path)
     (model / "model.safetensors").write_bytes(b"\0" * 100)
     (data / "dataset_info.json").write_text('{"fingerprint": "a"}')
     cfg = training.TrainConfig()

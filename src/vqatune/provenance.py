@@ -75,6 +75,15 @@ def folder_signature(folder: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def code_signature() -> str:
+    """The package's own source (every ``vqatune/*.py``, by content): a checkpoint or a search
+    trial made by other code is never resumed, as the numbers it holds may not be this code's."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def record(*, params: dict[str, Any], inputs: Iterable[str | Path] = (), outputs: Iterable[str | Path] = ()) -> dict:
     """The "provenance" block of a stage's metrics file.
 

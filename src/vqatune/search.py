@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from .config import ConfigError, require
-from .provenance import folder_signature
+from .provenance import code_signature, folder_signature
 from .search_workers import SearchError, run_worker, trial_counts  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -437,7 +437,7 @@ def study_name_for(cfg: TuneConfig, train_cfg, model_dir, processed_dir) -> str:
     so do n_trials, timeout, storage and heartbeats: raise n_trials and only new trials run.
     """
     from .config import as_dict
-    from .training import apply_overrides, code_signature
+    from .training import apply_overrides
 
     fixed = {key: spec.choices[0] if spec.kind == "categorical" else (int(spec.low) if spec.kind == "int" else spec.low)
              for key, spec in cfg.search_space.items()}

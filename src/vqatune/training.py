@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 from . import distributed
 from .config import ConfigError, as_dict, build, require
 from .model import LoraSettings
-from .provenance import folder_signature
+from .provenance import code_signature, folder_signature
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +247,6 @@ def split_train_eval(train, eval_fraction: float, seed: int, max_eval_rows: Opti
 # --------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------
-
-def code_signature() -> str:
-    """The package's own source (every ``vqatune/*.py``, by content): a checkpoint or a search
-    trial made by other code is never resumed, as the numbers it holds may not be this code's."""
-    digest = hashlib.sha256()
-    for file in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()[:12]
-
 
 def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) -> str:
     """Everything that determines the trained weights: a checkpoint of another key is never resumed."""
