@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import vqatune  # noqa: F401  first: pins the CPU numerics before any test module imports torch
+
 # Tests run on CPU, offline, with few threads: CI has 2 cores.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

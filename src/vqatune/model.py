@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from .config import require
+from .cpu_numerics import use_portable_4bit_path
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ def load_base_model(model_dir: str | Path, *, quantization: str = "none",
         # device_map places quantized weights directly; .to() is refused on bnb models.
         device_map={"": device},
     )
+    # The same 4-bit arithmetic on every CPU (see cpu_numerics): never bitsandbytes' packed path.
+    use_portable_4bit_path(model)
     return model
 
 

@@ -34,7 +34,10 @@ def device_name() -> str:
 
 
 def environment() -> dict[str, str]:
-    return {"python": platform.python_version(), "device": device_name(), **library_versions()}
+    from .cpu_numerics import numerics_label
+
+    return {"python": platform.python_version(), "device": device_name(),
+            "cpu_numerics": numerics_label(), **library_versions()}
 
 
 def fingerprint(path: str | Path) -> str:

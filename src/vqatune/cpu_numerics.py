@@ -1,0 +1,102 @@
+"""One numeric path on every x86 CPU, so a run gives the same numbers on a colleague's machine.
+
+Two things differ between x86 CPUs and would otherwise change results:
+
+1. **bitsandbytes' 4-bit inference path.** On a CPU that reports AVX512-BF16, bitsandbytes 0.50
+   repacks each ``Linear4bit`` weight on its first no-grad forward in eval mode
+   (``_convert_weight_packed_for_cpu``) and from then on multiplies in bfloat16 with a fused
+   kernel; elsewhere it dequantizes to the compute dtype and lets torch multiply. That fast path
+   is wrong for us three ways: the repacking reshapes ``absmax`` to ``[out, in // blocksize]`` and
+   fails on layers narrower than the 64-value block (the tiny model's); a packed layout read by
+   the generic kernel (a CPU without the feature, or a weight moved by ``Params4bit.to()``,
+   bitsandbytes issue #2078) gives silently wrong numbers; and it rounds activations to bf16, so
+   the eval loss, the search objective and evaluation would no longer use the arithmetic that
+   training (which always needs gradients, so never takes that path) uses. We switch it off on
+   every 4-bit layer when the model is loaded: dequantize, then torch's matmul, on every CPU.
+   It costs CPU inference speed on large models only; on a GPU the flag is never read.
+
+2. **torch's CPU kernels, chosen per CPU at run time.** ATen picks its vectorised kernels
+   (softmax, norms, reductions, exp) by the best instruction set the CPU has (DEFAULT, AVX2,
+   AVX512); oneDNN, which runs the vision tower's patch convolution, JIT-compiles for the CPU;
+   MKL picks its GEMM code path. Each sums in another order or rounds another way, so an AVX512
+   machine and an AVX2 one drift apart in the last bits from the first step and, over hundreds of
+   steps, in answers. ``pin_cpu_numerics`` fixes all three to paths every x86-64 CPU runs alike:
+   ATen's DEFAULT kernels, torch's own convolution instead of oneDNN, and MKL's conditional
+   numerical reproducibility in COMPATIBLE mode. With one fixed thread count (``cpu_threads``)
+   the embedded run is then the same bit for bit on any x86-64 CPU. Measured cost and the check a
+   colleague runs: docs/reproducibility.md. It applies only when no CUDA device is present (GPU
+   kernels differ by card anyway, and the host's fast kernels keep the GPU fed), and
+   ``VQATUNE_CPU_NUMERICS=native`` turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# What each pinned library reads, and the value every x86-64 CPU computes alike with.
+PINNED_ENVIRONMENT = {
+    # ATen reads it once, at its first dispatch of a vectorised kernel (importing transformers
+    # already does one): it must be set before that.
+    "ATEN_CPU_CAPABILITY": "default",
+    # MKL reads it when it initialises; COMPATIBLE runs the same code path on every CPU.
+    "MKL_CBWR": "COMPATIBLE",
+}
+SWITCH = "VQATUNE_CPU_NUMERICS"  # "native": the CPU's fastest kernels, last bits vary by CPU
+
+
+def pin_cpu_numerics() -> bool:
+    """Put this process on the numeric paths that every x86-64 CPU runs alike (see above).
+
+    Call it before anything runs a torch kernel or imports transformers: ``vqatune/__init__``
+    does, so every stage, the CLI and the tests get it by importing the package first. Returns
+    whether it pinned: not with a CUDA device, not with VQATUNE_CPU_NUMERICS=native.
+    Child processes (DDP, search workers) inherit the environment and pin again on import.
+    """
+    mode = os.environ.get(SWITCH, "portable")
+    if mode not in ("portable", "native"):
+        raise ValueError(f"{SWITCH}={mode!r}: use 'portable' (the default) or 'native'")
+    if mode == "native":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    # Set, not setdefault: the point is that the CPU (or an inherited variable) does not choose.
+    os.environ.update(PINNED_ENVIRONMENT)
+    # oneDNN JIT-compiles per CPU and has no bit-reproducible mode; torch's own convolution
+    # (im2col + MKL GEMM) then falls under MKL_CBWR.
+    torch.backends.mkldnn.enabled = False
+    return True
+
+
+def numerics_label() -> str:
+    """How this process computes on the CPU, for the metrics' provenance: ``portable`` when
+    pinned, else ``native (<ATen capability>)``, the CPU's own choice."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if (capability == "DEFAULT" and os.environ.get("MKL_CBWR") == PINNED_ENVIRONMENT["MKL_CBWR"]
+            and not torch.backends.mkldnn.enabled):
+        return "portable"
+    return f"native ({capability})"
+
+
+def use_portable_4bit_path(model) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` on the dequantize-then-matmul path.
+
+    Returns the number of 4-bit layers set. Call it on a freshly loaded model, before any forward.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            # The attribute bitsandbytes sets from has_avx512bf16() in Linear4bit.__init__ and
+            # reads in forward(); tests/test_cpu_numerics.py fails if a new version renames it.
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
