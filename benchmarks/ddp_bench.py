@@ -11,7 +11,7 @@ that difference is ~1e-7 in fp32.
 Then the search: N ``stages/tune.py`` workers, each pinned to its GPU with CUDA_VISIBLE_DEVICES,
 share one SQLite study until it has ``n_trials`` trials; each trial records its worker's GPU.
 
-    source benchmarks/device_setup.sh && python benchmarks/ddp_bench.py --out $OUT --gpus 2
+    source benchmarks/offline_gpu_setup.sh && python benchmarks/ddp_bench.py --out $OUT --gpus 2
 
 Writes ``ddp_bench.json`` and ``ddp_bench.md``. ``--plot results.json`` draws the two loss
 curves to a PNG (run where matplotlib is installed). ``--tiny`` runs it all on CPU processes.

@@ -16,7 +16,7 @@ the project's synthetic Kvasir-like data prepared at 896 px:
 
 Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the table) to ``--out``. On the GPU machine:
 
-    source benchmarks/device_setup.sh && python benchmarks/gpu_bench.py --out $OUT
+    source benchmarks/offline_gpu_setup.sh && python benchmarks/gpu_bench.py --out $OUT
 
 ``--tiny`` runs the same code path on the builtin tiny model on CPU in about a minute (the CI
 smoke test, tests/test_benchmark_smoke.py).
