@@ -1,8 +1,9 @@
-"""The GPU benchmark's code path, end to end on the tiny model on CPU, so it cannot rot.
+"""The benchmarks' code paths, end to end on the tiny model on CPU, so they cannot rot.
 
-Same functions as the device run (benchmarks/gpu_bench.py): the guide's recipe, the loss-parity
+Same functions as the device runs (benchmarks/gpu_bench.py): the guide's recipe, the loss-parity
 runs, ``run_training``, the guide's one-at-a-time generation and ``generate_answers`` over the six
-configurations; only the sizes (Scale TINY) and the device differ.
+configurations, and its ``--profile-generation`` and ``--collate`` parts; benchmarks/ddp_bench.py
+on CPU processes with its run options. Only the sizes (Scale TINY) and the device differ.
 """
 from __future__ import annotations
 
