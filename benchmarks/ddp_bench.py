@@ -11,10 +11,14 @@ that difference is ~1e-7 in fp32.
 Then the search: N ``stages/tune.py`` workers, each pinned to its GPU with CUDA_VISIBLE_DEVICES,
 share one SQLite study until it has ``n_trials`` trials; each trial records its worker's GPU.
 
-    source benchmarks/device_setup.sh && python benchmarks/ddp_bench.py --out $OUT --gpus 2
+    source benchmarks/offline_gpu_setup.sh && python benchmarks/ddp_bench.py --out $OUT --gpus 2
 
-Writes ``ddp_bench.json`` and ``ddp_bench.md``. ``--plot results.json`` draws the two loss
-curves to a PNG (run where matplotlib is installed). ``--tiny`` runs it all on CPU processes.
+``--runs`` runs variants of the training side by side (``PROCESSES:OPTION,...``): a profile of
+every process (``1:profile``: where one GPU's step goes), or one training lever changed
+(``1:no_compile``, ``1:lazy_features``, ``1:no_cudnn_sdpa``, ``1:bf16_stream``, ...; see
+``--help``). Writes ``ddp_bench.json`` and ``ddp_bench.md``. ``--plot results.json`` draws the
+two loss curves to a PNG (run where matplotlib is installed). ``--tiny`` runs it all on CPU
+processes.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ TIMED_FROM = {"full": 6, "tiny": 1}
 # ``:profile`` runs: torch.profiler over these optimizer steps on every process; the timed window
 # then ends before them (the profiler slows the steps it records).
 PROFILE_STEPS = {"full": (23, 26), "tiny": (4, 5)}
-RUN_OPTIONS = ("profile", "bf16_stream", "gc_unfrozen", "curve", "ddp_optimizer")
+RUN_OPTIONS = ("profile", "curve", "bf16_stream", "gc_unfrozen", "ddp_optimizer", "no_compile", "lazy_features",
+               "no_cudnn_sdpa")
 SEARCH_TRIALS = {"full": 4, "tiny": 2}
 
 
@@ -103,7 +108,11 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     edges), ``curve`` (a loss logged and a device sync at every step, as every run before
     2026-11-28 did; otherwise the stage's logging interval, and the timer syncs only at the timed
     window's edges: a sync per optimizer step costs the DDP run, whose step is half one GPU's rows,
-    twice as often)."""
+    twice as often); training levers, one changed from the stage's default: ``no_compile``
+    (train.compile off: no regional torch.compile of the layers), ``lazy_features``
+    (train.precompute_image_features off: each image's features computed in the first step that
+    shows it), ``no_cudnn_sdpa`` (PyTorch's cuDNN attention backend off, so SDPA takes the
+    memory-efficient kernel; CUDA only)."""
     import gpu_bench
     import torch
 
@@ -129,15 +138,19 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     gpu_bench.DEV = gpu_bench.Device()
     if gpu_bench.DEV.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "no_cudnn_sdpa" in options:
+            torch.backends.cuda.enable_cudnn_sdp(False)
     size = "tiny" if tiny else "full"
     scale = gpu_bench.TINY if tiny else gpu_bench.FULL
     if batch:
         scale = dataclasses.replace(scale, train_batch=batch)
     cfg = gpu_bench.project_train_config(scale, lora_dropout=0.0,
                                          max_steps=TRAIN_STEPS[size], gradient_checkpointing=checkpointing,
-                                         compile=None if compile else False,  # None: the stage's default
+                                         # None: the stage's default (on with CUDA)
+                                         compile=None if compile and "no_compile" not in options else False,
                                          gradient_accumulation_steps=accumulation,
-                                         fp32_residual="bf16_stream" not in options)
+                                         fp32_residual="bf16_stream" not in options,
+                                         precompute_image_features="lazy_features" not in options)
     first = TIMED_FROM[size]
     profiled = PROFILE_STEPS[size] if "profile" in options else None
     per_step = "curve" in options
@@ -355,11 +368,15 @@ def compare_curves(one: list[float], many: list[float]) -> dict:
 
 
 def write_report(results: dict, out: Path) -> None:
-    one = next(r for r in results["training"].values() if r["processes"] == 1)
+    """The table of runs; with a one- and an N-process run, their scaling and curves. Without
+    (one GPU's levers, or N-process variants only), each run against the first run's rate."""
+    runs = results["training"]
+    one_key = next((k for k, r in runs.items() if r["processes"] == 1), next(iter(runs)))
+    one, scaling = runs[one_key], "scaling" in results
     lines = [f"Card: {results['device']} x {results['gpus']} (one host). MedGemma-4B shapes, random weights, "
              f"896 px; nf4 QLoRA, sdpa, gradient checkpointing {'on' if one.get('gradient_checkpointing', True) else 'off'}, "
              f"image cache, LoRA on the MLP, global batch {one['global_batch']}.",
-             "", "| processes | per-process batch x accumulation | examples/s | scaling | median s/step | "
+             "", f"| processes | per-process batch x accumulation | examples/s | {'scaling' if scaling else 'vs ' + one_key} | median s/step | "
                  "examples/s without compiling steps (steps left out) | peak GiB (main) | wall s |",
              "|---|---|---|---|---|---|---|---|"]
     for key in results["training"]:
@@ -370,18 +387,19 @@ def write_report(results: dict, out: Path) -> None:
                      f"{r['examples_per_s'] / one['examples_per_s']:.2f}x | {r['median_step_s']:.3f} | "
                      + (f"{steady:.2f} ({r['steps_with_compilation']})" if steady else "-")
                      + f" | {r['peak_gib_main_process']:.1f} | {r['wall_s']} |")
-    c = results["curves"]
     logging = one.get("logging_steps", 1)
     lines += ["", (f"Timing: the timer syncs the device only at the window's edges; losses logged every "
                    f"{logging} steps (the stage's interval), so the median column is the CPU's view."
                    if not one.get("per_step_sync", True) else
-                   "Timing: a device sync and a logged loss at every step (the `curve` option)."),
-              "", f"Loss curves over {c['steps']} logged losses, every {logging} step(s) (same batches, dropout off): "
-                  f"mean |1 - {results['gpus']}| "
-                  f"{c['mean_abs_diff']:.4f}, max {c['max_abs_diff']:.4f} (mean loss {c['mean_loss']:.3f}).",
-              f"Scaling {results['scaling']:.2f}x (target 1.8x): {'met' if results['scaling'] >= 1.8 else 'NOT met'}; "
-              f"medians of the step times {results['scaling_medians']:.2f}x"
-              + (f"; steps without a compilation {results['scaling_steady']:.2f}x." if "scaling_steady" in results else ".")]
+                   "Timing: a device sync and a logged loss at every step (the `curve` option).")]
+    c = results.get("curves")
+    if scaling and c:
+        lines += ["", f"Loss curves over {c['steps']} logged losses, every {logging} step(s) (same batches, dropout off): "
+                      f"mean |1 - {results['gpus']}| "
+                      f"{c['mean_abs_diff']:.4f}, max {c['max_abs_diff']:.4f} (mean loss {c['mean_loss']:.3f}).",
+                  f"Scaling {results['scaling']:.2f}x (target 1.8x): {'met' if results['scaling'] >= 1.8 else 'NOT met'}; "
+                  f"medians of the step times {results['scaling_medians']:.2f}x"
+                  + (f"; steps without a compilation {results['scaling_steady']:.2f}x." if "scaling_steady" in results else ".")]
     s = results.get("search")
     if s:
         lines += ["", f"Search: {s['workers']} workers (one per GPU, CUDA_VISIBLE_DEVICES) on one SQLite study: "
@@ -432,11 +450,13 @@ def main(argv=None) -> int:
                          "the world grows to hold all steps in one epoch")
     ap.add_argument("--runs", nargs="+", metavar="PROCESSES[:OPTIONS]",
                     help="training runs in order (default: 1 and --gpus); options, comma-separated: "
-                         "profile (torch.profiler over a few steps on every process), bf16_stream "
+                         "profile (torch.profiler over a few steps on every process), curve (a "
+                         "device sync and a logged loss at every step), bf16_stream "
                          "(train.fp32_residual off), gc_unfrozen (no gc.freeze() after step 1), ddp_optimizer "
-                         "(Dynamo's DDPOptimizer on: layers cut at DDP's buckets), curve (a "
-                         "device sync and a logged loss at every step); "
-                         "e.g. --runs 2:profile 2:bf16_stream 1:profile")
+                         "(Dynamo's DDPOptimizer on: layers cut at DDP's buckets), no_compile (train.compile "
+                         "off), lazy_features (train.precompute_image_features off), no_cudnn_sdpa (cuDNN "
+                         "attention off); e.g. --runs 2:profile 2:bf16_stream 1:profile, or one GPU's "
+                         "levers: --gpus 1 --runs 1 1:no_compile 1:lazy_features")
     ap.add_argument("--options", default="", help=argparse.SUPPRESS)
     ap.add_argument("--name")
     ap.add_argument("--result")
@@ -505,8 +525,9 @@ def main(argv=None) -> int:
                      prof["top_cpu"], prof["top_device"])
     one = next((r for r in results["training"].values() if r["processes"] == 1), None)
     many = next((r for r in results["training"].values() if r["processes"] == args.gpus), None)
-    if one is None or many is None:
+    if one is None or many is None or args.gpus == 1:  # variants side by side, no scaling
         save()
+        write_report(results, out)
         return 0
     results["scaling"] = many["examples_per_s"] / one["examples_per_s"]
     results["scaling_medians"] = one["median_step_s"] / many["median_step_s"]

@@ -16,7 +16,17 @@ the project's synthetic Kvasir-like data prepared at 896 px:
 
 Writes ``gpu_bench.json`` and ``gpu_bench.md`` (the table) to ``--out``. On the GPU machine:
 
-    source benchmarks/device_setup.sh && python benchmarks/gpu_bench.py --out $OUT
+    source benchmarks/offline_gpu_setup.sh && python benchmarks/gpu_bench.py --out $OUT
+
+Instead of the whole benchmark, one part of it on its own (same world, same ``--out``):
+
+- ``--parity-only``: the training loss-parity runs (``gpu_bench_parity.json``);
+- ``--profile-generation``: where the evaluate stage's generation time goes
+  (``profile_generation.json``): prefill vs decoding, adapter on / off / merged, batch size, and
+  ``torch.profiler`` over one batch (the training step's profile: ``ddp_bench.py --runs
+  1:profile``);
+- ``--collate``: the CPU cost of one training batch's collation, the processor on every image
+  vs image keys (``collate.json``; CPU only, the builtin tiny model's processor).
 
 ``--tiny`` runs the same code path on the builtin tiny model on CPU in about a minute (the CI
 smoke test, tests/test_benchmark_smoke.py).
@@ -29,6 +39,8 @@ import dataclasses
 import gc
 import json
 import logging
+import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -223,19 +235,6 @@ def build_world(work: Path, scale: Scale, tiny: bool):
     return model_dir, data_dir, {"build_model_s": round(build_s, 1), "prepare_s": round(time.perf_counter() - t, 1)}
 
 
-def tool_setup(out: str, work: str, scale: Scale, tiny: bool) -> tuple[Device, Path, Path]:
-    """The device tools' common start (profile_train, profile_generate, train_levers): the device
-    (also this module's DEV), the output folder, and the world (model + prepared data) in
-    ``work``, built once and reused by the next tool of the same call."""
-    global DEV
-    DEV = Device()
-    out_dir, work_dir = Path(out), Path(work)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (work_dir / "model").exists():
-        build_world(work_dir, scale, tiny)
-    return DEV, out_dir, work_dir
-
-
 class StepTimer:
     """Trainer callback: wall time at the end of each optimizer step, to time a steady window.
 
@@ -259,7 +258,7 @@ class StepTimer:
 
 
 def project_train_config(scale: Scale, *, lora_dropout: float | None = None, **overrides):
-    """The project's training run in the benchmarks (this one, ddp_bench, profile_train): nf4,
+    """The project's training run in the benchmarks (this one and ddp_bench): nf4,
     sdpa, checkpointing, image cache, the guide's LoRA on the MLP, constant lr, no evaluation."""
     from vqatune.training import TrainConfig
 
@@ -561,6 +560,182 @@ def static_cache_generation(model, processor, messages, images, image_keys, pixe
             "timing": timing}
 
 
+# --------------------------------------------------------------------------- --profile-generation
+
+def profile_generation(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
+    """The evaluate stage's generation path (``generate_answers``, features cached, pixels made
+    once) on ``scale.gen_rows`` rows in prompt mode none, batch ``scale.gen_batch``, timed:
+    prefill only (1 new token) vs ``scale.new_tokens``, adapter on / off / merged, half and a
+    quarter of the batch; then ``torch.profiler`` over one batch (top operators by CPU and by
+    device time, and the device's busy share of the wall time)."""
+    from vqatune.generation import generate_answers
+    from vqatune.model import LoraSettings, attach_lora, load_base_model, load_processor
+    from vqatune.speed import ImagePixelCache, maybe_install_image_feature_cache
+
+    model_dir, data_dir, world = build_world(work, scale, tiny)
+    batch, new_tokens = scale.gen_batch, scale.new_tokens
+    results: dict = {"device": DEV.name, "torch": torch.__version__, "world": world, "rows": scale.gen_rows,
+                     "batch": batch, "new_tokens": new_tokens}
+
+    def save():
+        (out / "profile_generation.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    # The evaluate stage's model: bf16 base, the project's LoRA (mlp, r16) with non-zero B so
+    # the adapter really changes the function, image features cached.
+    processor = load_processor(model_dir)
+    base = load_base_model(model_dir, quantization="none", dtype=str(DEV.compute_dtype)[6:],
+                           attn_implementation="sdpa", device=DEV.type)
+    model = attach_lora(base, LoraSettings())
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=1e-3)
+    model.eval()
+    maybe_install_image_feature_cache(model, training=False)
+    test, messages, images = evaluation_inputs(data_dir, scale)
+    msgs, keys = messages["none"], test["img_id"]
+    rows = len(msgs)
+    pixel_cache = ImagePixelCache()
+    generate_answers(model, processor, msgs[:2], [images[0], images[1]], batch_size=2, max_new_tokens=2)
+
+    def timed(label, *, batch=batch, new_tokens=new_tokens, context=contextlib.nullcontext):
+        stats = {}
+        DEV.sync()
+        t = time.perf_counter()
+        with context():
+            answers = generate_answers(model, processor, msgs, images, batch_size=batch, max_new_tokens=new_tokens,
+                                       image_keys=keys, pixel_cache=pixel_cache, stats=stats)
+        DEV.sync()
+        seconds = time.perf_counter() - t
+        entry = {"seconds": round(seconds, 3), "examples_per_s": round(rows / seconds, 2),
+                 "generate_s": round(stats["generate_s"], 3), "batches": stats["batches"],
+                 "generate_s_per_batch": round(stats["generate_s"] / stats["batches"], 4),
+                 "peak_gib": DEV.peak_gib()}
+        results.setdefault("runs", {})[label] = entry
+        log.info("%s %s", label, entry)
+        save()
+        return answers
+
+    DEV.reset()
+    timed("tuned_prefill_only", new_tokens=1)  # also fills the pixel and feature caches
+    timed("tuned_prefill_only", new_tokens=1)
+    tuned = timed("tuned")
+    timed("base", context=model.disable_adapter)
+    runs = results["runs"]
+    results["decode_step_s"] = round((runs["tuned"]["generate_s_per_batch"]
+                                      - runs["tuned_prefill_only"]["generate_s_per_batch"])
+                                     / max(new_tokens - 1, 1), 4)
+    results["prefill_s_per_batch"] = runs["tuned_prefill_only"]["generate_s_per_batch"]
+
+    # Profile one batch of the tuned model.
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    n = min(batch, rows)
+    DEV.sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        t = time.perf_counter()
+        generate_answers(model, processor, msgs[:n], [images[i] for i in range(n)], batch_size=n,
+                         max_new_tokens=8, image_keys=keys[:n], pixel_cache=pixel_cache)
+        DEV.sync()
+        wall = time.perf_counter() - t
+    averages = prof.key_averages()
+    device_key = "self_cuda_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages) / 1e6 if DEV.type == "cuda" else None
+    results["profile"] = {"wall_s": round(wall, 3), "device_busy_s": busy,
+                          "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=30),
+                          "top_device": averages.table(sort_by=device_key, row_limit=30)}
+    save()
+    log.info("profile of one batch\n%s\n%s", results["profile"]["top_cpu"], results["profile"]["top_device"])
+
+    # Levers: the adapter merged into the weights (the answers must not change), smaller batches.
+    model.merge_adapter()
+    merged = timed("tuned_merged")
+    results["merged_identical_share"] = sum(a == b for a, b in zip(merged, tuned)) / rows
+    model.unmerge_adapter()
+    for smaller in sorted({max(batch // 4, 1), max(batch // 2, 1)} - {batch}):
+        timed(f"tuned_batch_{smaller}", batch=smaller)
+    save()
+    free(model)
+    return results
+
+
+# --------------------------------------------------------------------------- --collate
+
+def _median_s(fn, reps: int) -> float:
+    fn()  # warm-up: lazy imports, tokenizer caches
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4)
+
+
+def collate_cost(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
+    """CPU seconds to collate one training batch (``scale.train_batch`` rows), two ways on the same
+    rows: the processor on every image (``AnswerOnlyCollator``) vs image keys only
+    (``image_keys=True``, what the training uses with precomputed features). On the builtin tiny
+    model's processor, at its own size (64 px) and, full scale, at 896 px (MedGemma's), images
+    resized first as the prepare stage does; one torch thread, as a DataLoader worker has.
+    ``fetch_*_s``: the worker's other per-batch cost, reading the rows from an Arrow dataset
+    with and without the PNG-encoded image column (a keyed batch never needs it)."""
+    import copy
+
+    from datasets import Dataset, load_from_disk
+    from PIL import Image
+
+    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.config import ModelConfig, PrepareConfig
+    from vqatune.data.prepare import prepare_dataset
+    from vqatune.model import load_processor
+    from vqatune.prompts import PromptsConfig
+    from vqatune.tiny_model import build_tiny_gemma3
+
+    n_rows, reps, sizes = scale.train_batch, (1 if tiny else 5), ([0] if tiny else [0, 896])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model_dir = build_tiny_gemma3(work / "collate_model", ModelConfig())
+    prepare_dataset(PrepareConfig(synthetic_images=max(8, n_rows // 4), seed=0), PromptsConfig(),
+                    work / "collate_processed")
+    train = load_from_disk(str(work / "collate_processed"))["train"]
+    base_rows = [train[i % len(train)] for i in range(n_rows)]
+    base = load_processor(model_dir)
+    measured = []
+    try:
+        for size in sizes:
+            processor = base
+            if size:
+                processor = copy.deepcopy(base)
+                processor.image_processor.size = {"height": size, "width": size}
+            side = processor.image_processor.size["height"]
+            rows = [{**row, "image": row["image"].convert("RGB").resize((side, side), Image.BILINEAR)}
+                    for row in base_rows]
+            pixels = AnswerOnlyCollator(processor, "none", "right")
+            keyed = AnswerOnlyCollator(processor, "none", "right", image_keys=True)
+            pixel_batch, keyed_batch = pixels(rows), keyed(rows)
+            same_tokens = all(torch.equal(pixel_batch[k], keyed_batch[k])
+                              for k in ("input_ids", "labels", "token_type_ids"))
+            stored = Dataset.from_list(rows)  # images stored PNG-encoded, as data/processed holds them
+            no_image = stored.remove_columns("image")
+            entry = {
+                "image_px": side, "same_tokens": same_tokens,
+                "pixel_s": _median_s(lambda: pixels(rows), reps),
+                "keyed_s": _median_s(lambda: keyed(rows), reps),
+                "pixel_values_mb": round(pixel_batch["pixel_values"].numel() * 4 / 1e6, 1),
+                "keyed_values_bytes": keyed_batch["pixel_values"].numel() * 8,
+                "fetch_with_image_s": _median_s(lambda: [stored[i] for i in range(len(rows))], reps),
+                "fetch_without_image_s": _median_s(lambda: [no_image[i] for i in range(len(rows))], reps),
+            }
+            entry["speedup"] = round(entry["pixel_s"] / max(entry["keyed_s"], 1e-9), 1)
+            measured.append(entry)
+            log.info("collate %s", entry)
+    finally:
+        torch.set_num_threads(threads)
+    results = {"rows": n_rows, "reps": reps, "threads": 1, "cpu": platform.processor() or platform.machine(),
+               "results": measured}
+    (out / "collate.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
 # --------------------------------------------------------------------------- FLOPs and report
 
 def mfu_table(results: dict, model_dir: Path, data_dir: Path):
@@ -677,8 +852,13 @@ def main(argv=None):
     ap.add_argument("--work", default=None, help="scratch folder (model, data, adapters); default: a temp dir")
     ap.add_argument("--tiny", action="store_true", help="the builtin tiny model on CPU (smoke test)")
     ap.add_argument("--parity-rows", type=int, help="rows generated one at a time for the parity check")
-    ap.add_argument("--parity-only", action="store_true",
-                    help="only the training loss-parity runs (gpu_bench_parity.json)")
+    part = ap.add_mutually_exclusive_group()
+    part.add_argument("--parity-only", action="store_true",
+                      help="only the training loss-parity runs (gpu_bench_parity.json)")
+    part.add_argument("--profile-generation", action="store_true",
+                      help="only the profile of the evaluate stage's generation (profile_generation.json)")
+    part.add_argument("--collate", action="store_true",
+                      help="only the CPU cost of collating a training batch, pixels vs image keys (collate.json)")
     ap.add_argument("--static-cache", action="store_true",
                     help="also time generation with a static KV cache (compiled decoding)")
     args = ap.parse_args(argv)
@@ -695,6 +875,10 @@ def main(argv=None):
         work.mkdir(parents=True, exist_ok=True)
         if args.parity_only:
             return run_parity(work, out, scale, args.tiny)
+        if args.profile_generation:
+            return profile_generation(work, out, scale, args.tiny)
+        if args.collate:
+            return collate_cost(work, out, scale, args.tiny)
         return run(work, out, scale, args.tiny)
 
 

@@ -1,8 +1,9 @@
-"""The GPU benchmark's code path, end to end on the tiny model on CPU, so it cannot rot.
+"""The benchmarks' code paths, end to end on the tiny model on CPU, so they cannot rot.
 
-Same functions as the device run (benchmarks/gpu_bench.py): the guide's recipe, the loss-parity
+Same functions as the device runs (benchmarks/gpu_bench.py): the guide's recipe, the loss-parity
 runs, ``run_training``, the guide's one-at-a-time generation and ``generate_answers`` over the six
-configurations; only the sizes (Scale TINY) and the device differ.
+configurations, and its ``--profile-generation`` and ``--collate`` parts; benchmarks/ddp_bench.py
+on CPU processes with its run options. Only the sizes (Scale TINY) and the device differ.
 """
 from __future__ import annotations
 
@@ -58,28 +59,39 @@ def _run(script: str, *args: str) -> None:
                    cwd=BENCH.parent, timeout=600)
 
 
-def test_profilers_and_the_lever_script_run_on_the_tiny_model(tmp_path):
-    """The device-session tools (profiles, training levers) on the tiny model on CPU."""
-    work = str(tmp_path / "work")
-    _run("train_levers.py", "--out", str(tmp_path / "levers"), "--work", work, "--runs", "base@2",
-         "lazy_features@2", "--steps", "3", "--warmup", "1")
-    levers = json.loads((tmp_path / "levers" / "train_levers.json").read_text())
-    assert set(levers["runs"]) == {"base@2", "lazy_features@2"}
-    for run in levers["runs"].values():
-        assert "error" not in run and run["examples_per_s"] > 0 and len(run["losses"]) == 3
-    # the same batches either way: precomputed features are the features the steps compute, up to
-    # float rounding (the vision tower sees other batch compositions)
-    assert levers["runs"]["base@2"]["losses"] == pytest.approx(levers["runs"]["lazy_features@2"]["losses"], rel=1e-3)
+def test_profile_generation_times_the_evaluate_path_and_its_levers(tmp_path):
+    """gpu_bench.py --profile-generation: prefill vs decoding, adapter on/off/merged, smaller
+    batches, and a profiler table, on the tiny model on CPU."""
+    import gpu_bench
 
-    _run("profile_generate.py", "--out", str(tmp_path / "gen"), "--work", work, "--rows", "4", "--batch", "2",
-         "--new-tokens", "3")
-    gen = json.loads((tmp_path / "gen" / "profile_generate.json").read_text())
-    assert {"tuned", "base", "tuned_merged", "tuned_prefill_only"} <= set(gen["runs"])
-    assert gen["merged_identical_share"] == 1.0 and "aten::" in gen["profile"]["top_cpu"]
+    gpu_bench.main(["--tiny", "--profile-generation", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert not (tmp_path / "out" / "gpu_bench.json").exists()  # the part alone, not the benchmark
+    gen = json.loads((tmp_path / "out" / "profile_generation.json").read_text())
+    runs, rows, batch = gen["runs"], gpu_bench.TINY.gen_rows, gpu_bench.TINY.gen_batch
+    assert set(runs) == {"tuned_prefill_only", "tuned", "base", "tuned_merged",
+                         f"tuned_batch_{batch // 4}", f"tuned_batch_{batch // 2}"}
+    assert all(run["examples_per_s"] > 0 for run in runs.values())
+    # the batch size is the lever: the same rows in one batch, then in batches of a quarter / half
+    assert runs["tuned"]["batches"] == -(-rows // batch)
+    assert runs[f"tuned_batch_{batch // 4}"]["batches"] == -(-rows // (batch // 4))
+    # merging the adapter into the weights changes no answer
+    assert gen["merged_identical_share"] == 1.0
+    assert gen["prefill_s_per_batch"] == runs["tuned_prefill_only"]["generate_s_per_batch"]
+    assert "aten::" in gen["profile"]["top_cpu"] and gen["profile"]["wall_s"] > 0
 
-    _run("profile_train.py", "--out", str(tmp_path / "train"), "--work", work, "--batch", "2")
-    train = json.loads((tmp_path / "train" / "profile_train.json").read_text())
-    assert train["loader_examples_per_s"] > 0 and train["step_s"] and "aten::" in train["top_cpu"]
+
+def test_collate_compares_pixels_and_image_keys_on_the_same_rows(tmp_path):
+    """gpu_bench.py --collate: the processor on every image vs image keys, on the tiny processor."""
+    import gpu_bench
+
+    gpu_bench.main(["--tiny", "--collate", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    collate = json.loads((tmp_path / "out" / "collate.json").read_text())
+    (result,) = collate["results"]
+    rows = gpu_bench.TINY.train_batch
+    assert collate["rows"] == rows and result["same_tokens"]  # the same token tensors either way
+    assert result["keyed_values_bytes"] == rows * 2 * 8       # a keyed batch carries 2 int64 per row
+    assert result["pixel_values_mb"] == round(rows * 3 * result["image_px"] ** 2 * 4 / 1e6, 1)
+    assert result["pixel_s"] > 0 and result["keyed_s"] > 0
 
 
 def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
@@ -110,22 +122,26 @@ def test_ddp_bench_runs_its_variants_on_cpu_processes(tmp_path):
     with pytest.raises(SystemExit, match="options from"):
         ddp_bench.parse_run("2:fast")
     assert ddp_bench.parse_run("2:profile,bf16_stream") == (2, ("profile", "bf16_stream"))
+    assert ddp_bench.parse_run("1:no_compile,no_cudnn_sdpa") == (1, ("no_compile", "no_cudnn_sdpa"))
 
 
-def test_collate_bench_compares_the_two_collators_on_the_same_rows():
-    """benchmarks/collate_bench.py (pixel vs image-key collation) on the tiny processor."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(BENCH / "collate_bench.py"), "--rows", "4", "--reps", "1",
-                          "--sizes", "0"], check=True, env=env, cwd=BENCH.parent, timeout=600,
-                         capture_output=True, text=True).stdout
-    (result,) = json.loads(out.strip().splitlines()[-1])["results"]
-    # the script asserts the token tensors equal; the keyed batch carries 2 int64 per row
-    assert result["keyed_values_bytes"] == 4 * 2 * 8
-    assert result["pixel_values_mb"] == round(4 * 3 * result["image_px"] ** 2 * 4 / 1e6, 1)
-    assert result["pixel_s"] > 0 and result["keyed_s"] > 0
+def test_ddp_bench_runs_one_gpus_levers_side_by_side(tmp_path):
+    """ddp_bench.py --gpus 1 --runs 1:curve 1:lazy_features,curve: a training lever changed, one
+    process each, reported against the first run (no scaling)."""
+    out = tmp_path / "out"
+    _run("ddp_bench.py", "--out", str(out), "--work", str(tmp_path / "work"), "--gpus", "1", "--skip-search",
+         "--runs", "1:curve", "1:lazy_features,curve", "--batch", "2")
+    results = json.loads((out / "ddp_bench.json").read_text())
+    base, lazy = results["training"]["1:curve"], results["training"]["1:lazy_features,curve"]
+    assert base["precompute_image_features"] and not lazy["precompute_image_features"]
+    assert lazy["options"] == ["lazy_features", "curve"] and lazy["per_step_sync"]
+    # the same batches either way, a loss logged at every step: precomputed features are the
+    # features the steps compute, up to float rounding
+    assert len(base["losses"]) == len(lazy["losses"]) == base["steps"]
+    assert lazy["losses"] == pytest.approx(base["losses"], rel=1e-3)
+    assert "scaling" not in results
+    table = (out / "ddp_bench.md").read_text()
+    assert "| vs 1:curve |" in table and "| 1:lazy_features,curve | 2 x 2 |" in table and "Scaling" not in table
 
 
 def test_ddp_bench_gc_pauses_are_charged_to_the_step_in_progress():
