@@ -146,11 +146,15 @@ def guide_model(model_dir):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    from vqatune.cpu_numerics import use_portable_4bit_path
+
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=DEV.compute_dtype)
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, quantization_config=q, dtype=DEV.compute_dtype, attn_implementation="eager",
         device_map={"": DEV.type})
+    # Only the --tiny smoke run is on a CPU: there bitsandbytes' AVX512-BF16 path would crash it.
+    use_portable_4bit_path(model)
     model = prepare_model_for_kbit_training(model)  # upcasts every non-4-bit weight to fp32
     model.config.use_cache = False
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=GUIDE_TARGETS, bias="none",
@@ -390,6 +394,7 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    from vqatune.cpu_numerics import use_portable_4bit_path
     from vqatune.generation import prompt_texts
     from vqatune.model import load_processor
     from vqatune.prompts import PROMPT_MODES
@@ -400,6 +405,7 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
                            bnb_4bit_compute_dtype=DEV.compute_dtype)
     base = AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=q, dtype=DEV.compute_dtype,
                                                        attn_implementation="eager", device_map={"": DEV.type})
+    use_portable_4bit_path(base)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     jobs = [(mode, tuned, i) for i in range(scale.guide_gen // 6 + 1) for mode in PROMPT_MODES

@@ -170,3 +170,16 @@ def test_training_and_evaluation_give_the_same_bits_on_two_simulated_cpus(tiny_m
     # equality above is the pin's doing, not a simulation that changed nothing.
     assert out["older cpu, native numerics"]["numerics"] == "native (DEFAULT)"
     assert out["this cpu, native numerics"]["adapter"] != out["older cpu, native numerics"]["adapter"]
+
+
+def test_a_late_import_says_the_numerics_are_not_pinned():
+    """peft (like transformers' model classes) runs a torch kernel on import: ATen has chosen by
+    then, so vqatune must say so rather than claim a portable run."""
+    code = ("import logging; logging.basicConfig()\nimport peft\nimport vqatune\n"
+            "from vqatune.cpu_numerics import numerics_label\nprint(numerics_label())")
+    environ = {k: v for k, v in os.environ.items() if k not in OLDER_CPU and k != "VQATUNE_CPU_NUMERICS"}
+    done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("native (")
+    assert "CPU numerics not pinned: import vqatune before torch runs anything" in done.stderr

@@ -68,6 +68,13 @@ def pin_cpu_numerics() -> bool:
     # oneDNN JIT-compiles per CPU and has no bit-reproducible mode; torch's own convolution
     # (im2col + MKL GEMM) then falls under MKL_CBWR.
     torch.backends.mkldnn.enabled = False
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        # Something ran a torch kernel (or imported transformers or bitsandbytes) before vqatune:
+        # ATen has fixed its kernels already, and this process computes like its CPU.
+        log.warning("CPU numerics not pinned: import vqatune before torch runs anything (ATen "
+                    "already chose %s); results may differ in the last bits on other CPUs",
+                    torch.backends.cpu.get_cpu_capability())
+        return False
     return True
 
 
