@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vqatune import distributed
+from vqatune.training import distributed
 from vqatune.config import ConfigError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ import torch, torch.distributed as dist
 from torch._dynamo.backends import distributed as dynamo_ddp
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from peft import LoraConfig, get_peft_model
-from vqatune import speed
+from vqatune.models.compile import compile_layers
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
@@ -159,7 +159,7 @@ torch.manual_seed(0)
 config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8)
 model = get_peft_model(Gemma3ForCausalLM(config), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
-layers = speed.compile_layers(model, towers=("DecoderLayer",))
+layers = compile_layers(model, towers=("DecoderLayer",))
 if sys.argv[1] == "ddp_optimizer":  # what Dynamo does by default
     torch._dynamo.config.optimize_ddp = True
 ddp = torch.nn.parallel.DistributedDataParallel(model)
