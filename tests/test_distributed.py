@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vqatune.training import distributed
 from vqatune.config import ConfigError, load_params
+from vqatune.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,27 @@ def test_launch_command_is_an_argument_list_with_the_committed_config():
     assert command[-3:] == ["stages/train.py", "--out", "a b"]
     config = yaml.safe_load((REPO / "configs/accelerate/ddp.yaml").read_text())
     assert config["distributed_type"] == "MULTI_GPU" and config["num_machines"] == 1
+
+
+def test_the_launcher_returns_its_status_and_passes_sigterm_on_to_the_processes():
+    """The stage's relaunch path, in the library: the launcher's exit status comes back, and a
+    SIGTERM to the stage (made a KeyboardInterrupt) is sent on to the launched processes: 130."""
+    import os
+    import signal
+    import threading
+    import time
+
+    assert distributed.run_launcher([sys.executable, "-c", "import sys; sys.exit(3)"], dict(os.environ)) == 3
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        distributed.interrupt_on_sigterm()
+        start = time.monotonic()
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        assert distributed.run_launcher(sleeper, dict(os.environ)) == 130
+        assert time.monotonic() - start < 30  # the child was stopped, not waited for
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(tmp_path: Path, name: str, model_dir, data_dir, processes: int) -> tuple[dict, dict, list]:

@@ -11,7 +11,7 @@ from ..config import ConfigError, as_dict
 from ..provenance import code_signature, folder_signature
 from ..training.config import apply_overrides
 from .config import SearchParam, TuneConfig
-from .study import run_search, study_key
+from .study import run_search, study_key, suggest
 
 # The module whose import closure is the code a trial executes (the search's objective and the
 # training it runs): its files go into the study's key, the CLI's and evaluation's do not.
