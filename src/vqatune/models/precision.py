@@ -23,8 +23,8 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool = True, *, fp3
 
     peft's ``prepare_model_for_kbit_training`` casts every non-quantized weight (embeddings,
     norms, the vision tower) to fp32: on an H100 the guide's recipe peaks at ~40 GiB for one
-    example (27 GiB at batch 4 without it). Here the base stays
-    frozen in its loaded dtype. What the upcast did buy, an fp32 residual stream, is kept with
+    example (27 GiB at batch 4 without it). Here the base stays frozen in its loaded dtype.
+    What the upcast did buy, an fp32 residual stream, is kept with
     ``fp32_residual`` (see ``keep_residual_stream_fp32``). Also: no KV cache, and with gradient
     checkpointing, inputs that require grad so the checkpointed blocks of a fully frozen model
     still backpropagate into the adapters.
