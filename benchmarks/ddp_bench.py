@@ -116,13 +116,14 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     import gpu_bench
     import torch
 
-    from vqatune import distributed
-    from vqatune.training import TrainConfig, run_training
+    from vqatune.training import distributed
+    from vqatune.training.config import TrainConfig
+    from vqatune.training.run import run_training
 
     if "ddp_optimizer" in options:  # Dynamo's DDPOptimizer back on (speed turns it off)
         import torch._dynamo
 
-        from vqatune import speed
+        from vqatune.models import compile as speed
         compile_modules = speed._compile_modules
 
         def with_ddp_optimizer(*args, **kwargs):
@@ -133,7 +134,7 @@ def train_one(work: Path, name: str, tiny: bool, result_path: Path, checkpointin
     if "gc_unfrozen" in options:  # the training without its gc.freeze() after the first step
         from transformers import TrainerCallback
 
-        from vqatune import speed
+        from vqatune.models import compile as speed
         speed.freeze_gc_after_warmup = TrainerCallback  # a callback that does nothing
     gpu_bench.DEV = gpu_bench.Device()
     if gpu_bench.DEV.type == "cuda":
@@ -286,7 +287,7 @@ def parse_run(spec: str) -> tuple[int, tuple[str, ...]]:
 def launch_training(work: Path, processes: int, tiny: bool, env: dict, checkpointing: bool = True,
                     compile: bool = True, accumulation: int = 1, options: tuple[str, ...] = (),
                     batch: int | None = None) -> dict:
-    from vqatune.distributed import launch_command
+    from vqatune.training.distributed import launch_command
 
     tag = "_".join([str(processes), *options])
     result = work / f"train_{tag}.json"
@@ -485,7 +486,7 @@ def main(argv=None) -> int:
     # in 40 steps of 64 (results/ddp_bench_h100x2_accumulation.md: curves apart from step 13).
     # 340 images: ~2,700 train rows (~9 QA per image) for 30 steps of 64.
     scale = gpu_bench.TINY if args.tiny else dataclasses.replace(gpu_bench.FULL, images=340, test_size=0.1)
-    from vqatune.training import TrainConfig
+    from vqatune.training.config import TrainConfig
 
     kept = 1 - TrainConfig.eval_fraction  # share of the train rows the training trains on
     if args.batch:

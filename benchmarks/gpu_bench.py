@@ -117,7 +117,7 @@ STATIC_CACHE = False  # --static-cache
 
 
 def free(*objs):
-    from vqatune.model import free_model
+    from vqatune.models.loading import free_model
 
     free_model(*objs)
     DEV.reset()
@@ -167,19 +167,21 @@ def guide_loss(model, batch):
 
 
 def project_parity_model(model_dir, upcast: bool = False, fp32_residual: bool = True):
-    """The project's training set-up (vqatune.model + vqatune.speed + TRL's loss), guide's LoRA;
+    """The project's training set-up (vqatune.models + vqatune.vision + TRL's loss), guide's LoRA;
     ``upcast``: with peft's fp32 upcast of the frozen weights, as the guide has it;
     ``fp32_residual=False``: the bf16 residual stream the project trained with before
     2026-11-27's fifth session (to show what the fp32 stream changes in the curve)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from vqatune.model import LoraSettings, attach_lora, load_base_model, prepare_for_kbit_training
-    from vqatune.speed import maybe_install_image_feature_cache
+    from vqatune.models.lora import LoraSettings, attach_lora
+    from vqatune.models.loading import load_base_model
+    from vqatune.models.precision import prepare_for_kbit_training
+    from vqatune.vision.feature_cache import maybe_install_image_feature_cache
 
     model = load_base_model(model_dir, quantization="4bit", compute_dtype=str(DEV.compute_dtype)[6:],
                             attn_implementation="sdpa", device=DEV.type)
     if upcast:
-        from vqatune.speed import freeze_for_kbit_training
+        from vqatune.models.precision import freeze_for_kbit_training
 
         model = freeze_for_kbit_training(model, upcast_to_fp32=True, gradient_checkpointing=True)
     else:
@@ -264,7 +266,7 @@ class StepTimer:
 def project_train_config(scale: Scale, *, lora_dropout: float | None = None, **overrides):
     """The project's training run in the benchmarks (this one and ddp_bench): nf4,
     sdpa, checkpointing, image cache, the guide's LoRA on the MLP, constant lr, no evaluation."""
-    from vqatune.training import TrainConfig
+    from vqatune.training.config import TrainConfig
 
     cfg = TrainConfig(
         quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=True,
@@ -284,7 +286,7 @@ def project_train_config(scale: Scale, *, lora_dropout: float | None = None, **o
 
 
 def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str, **overrides):
-    from vqatune.training import run_training
+    from vqatune.training.run import run_training
 
     cfg = project_train_config(scale, **overrides)
     timer = StepTimer()
@@ -311,8 +313,8 @@ def loss_parity(model_dir, data_dir, scale: Scale):
     """Guide recipe vs the project's levers over the same batches, from the same adapter."""
     from datasets import load_from_disk
 
-    from vqatune.collate import AnswerOnlyCollator
-    from vqatune.model import load_processor
+    from vqatune.training.collate import AnswerOnlyCollator
+    from vqatune.models.loading import load_processor
 
     processor = load_processor(model_dir)
     rows = load_from_disk(str(data_dir))["train"]
@@ -379,7 +381,7 @@ def loss_parity(model_dir, data_dir, scale: Scale):
 def evaluation_inputs(data_dir, scale: Scale):
     from datasets import load_from_disk
 
-    from vqatune.evaluation import _LazyImages, evaluation_rows, prompt_messages
+    from vqatune.evaluation.run import _LazyImages, evaluation_rows, prompt_messages
     from vqatune.prompts import PROMPT_MODES
 
     test = load_from_disk(str(data_dir))["test"]
@@ -395,8 +397,8 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     from vqatune.cpu_numerics import use_portable_4bit_path
-    from vqatune.generation import prompt_texts
-    from vqatune.model import load_processor
+    from vqatune.generation.generate import prompt_texts
+    from vqatune.models.loading import load_processor
     from vqatune.prompts import PROMPT_MODES
 
     test, messages, images = evaluation_inputs(data_dir, scale)
@@ -434,9 +436,10 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     cached, each image's pixels made once (img_id keys, one pixel cache for the six
     configurations), generate_answers over the six configurations; then batched vs one-at-a-time
     (without image keys: the parity check also compares the two encodings)."""
-    from vqatune.evaluation import EvaluateConfig, compiles_norms, generation_levers, load_tuned_model
-    from vqatune.generation import generate_answers
-    from vqatune.speed import compile_norms
+    from vqatune.evaluation.config import EvaluateConfig
+    from vqatune.evaluation.run import compiles_norms, generation_levers, load_for_evaluation as load_tuned_model
+    from vqatune.generation.generate import generate_answers
+    from vqatune.models.compile import compile_norms
 
     cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
                          device=DEV.type, max_new_tokens=scale.new_tokens)
@@ -502,8 +505,8 @@ def timed_six_configurations(model, processor, test, messages, images, cfg, cach
     """One timed evaluation as a fresh stage runs it: an empty feature cache, a warm-up (CUDA
     context, kernels, and any compilation: dynamic sizes, so the timed batches reuse it), then
     the six configurations with a new pixel cache."""
-    from vqatune.generation import generate_answers
-    from vqatune.speed import ImagePixelCache
+    from vqatune.generation.generate import generate_answers
+    from vqatune.vision.pixel_cache import ImagePixelCache
 
     if cache is not None:
         cache.store.clear()
@@ -528,7 +531,7 @@ def six_configurations(model, processor, messages, images, cfg, *, image_keys, p
                        cache_implementation, stats, seconds=None):
     """{base, tuned} x {none, static, adaptive} as the evaluate stage runs them: answers per
     (mode, tuned) and synchronised seconds per configuration (appended to ``seconds`` if given)."""
-    from vqatune.generation import generate_answers
+    from vqatune.generation.generate import generate_answers
     from vqatune.prompts import PROMPT_MODES
 
     answers, seconds = {}, seconds if seconds is not None else []
@@ -574,9 +577,11 @@ def profile_generation(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     prefill only (1 new token) vs ``scale.new_tokens``, adapter on / off / merged, half and a
     quarter of the batch; then ``torch.profiler`` over one batch (top operators by CPU and by
     device time, and the device's busy share of the wall time)."""
-    from vqatune.generation import generate_answers
-    from vqatune.model import LoraSettings, attach_lora, load_base_model, load_processor
-    from vqatune.speed import ImagePixelCache, maybe_install_image_feature_cache
+    from vqatune.generation.generate import generate_answers
+    from vqatune.models.lora import LoraSettings, attach_lora
+    from vqatune.models.loading import load_base_model, load_processor
+    from vqatune.vision.pixel_cache import ImagePixelCache
+    from vqatune.vision.feature_cache import maybe_install_image_feature_cache
 
     model_dir, data_dir, world = build_world(work, scale, tiny)
     batch, new_tokens = scale.gen_batch, scale.new_tokens
@@ -689,12 +694,12 @@ def collate_cost(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     from datasets import Dataset, load_from_disk
     from PIL import Image
 
-    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.training.collate import AnswerOnlyCollator
     from vqatune.config import ModelConfig, PrepareConfig
     from vqatune.data.prepare import prepare_dataset
-    from vqatune.model import load_processor
+    from vqatune.models.loading import load_processor
     from vqatune.prompts import PromptsConfig
-    from vqatune.tiny_model import build_tiny_gemma3
+    from vqatune.models.tiny import build_tiny_gemma3
 
     n_rows, reps, sizes = scale.train_batch, (1 if tiny else 5), ([0] if tiny else [0, 896])
     threads = torch.get_num_threads()
@@ -750,8 +755,8 @@ def mfu_table(results: dict, model_dir: Path, data_dir: Path):
 
     from transformers import AutoConfig
 
-    from vqatune.collate import AnswerOnlyCollator
-    from vqatune.model import load_processor
+    from vqatune.training.collate import AnswerOnlyCollator
+    from vqatune.models.loading import load_processor
 
     config = AutoConfig.from_pretrained(model_dir)
     fm = flop_model(config)

@@ -1,4 +1,4 @@
-"""The benchmark's world: a random-weight MedGemma-4B folder, Kvasir-like QA at 896 px, FLOPs.
+"""The benchmark's world: a random-weight MedGemma-4B folder and its FLOP model.
 
 No hub: the architecture comes from ``benchmarks/medgemma4b_config.json`` (every size written
 out), the weights are random, and the tokenizer is the builtin stand-in's (vocabulary ~1k, ids
@@ -7,11 +7,8 @@ the sequence shape does, and it is MedGemma's: 256 image tokens per 896 px image
 """
 from __future__ import annotations
 
-import io
 import json
-import random
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG = Path(__file__).with_name("medgemma4b_config.json")
@@ -38,7 +35,7 @@ def build_processor(out_dir: Path, image_size: int, image_tokens: int):
     from transformers import AutoProcessor, Gemma3Processor
 
     from vqatune.config import ModelConfig
-    from vqatune.tiny_model import CHAT_TEMPLATE, build_tiny_gemma3
+    from vqatune.models.tiny import CHAT_TEMPLATE, build_tiny_gemma3
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_gemma3(tmp, ModelConfig())
@@ -67,7 +64,7 @@ def build_random_medgemma(out_dir: str | Path, *, tiny: bool = False, seed: int 
     out_dir = Path(out_dir)
     if tiny:
         from vqatune.config import ModelConfig
-        from vqatune.tiny_model import build_tiny_gemma3
+        from vqatune.models.tiny import build_tiny_gemma3
 
         return build_tiny_gemma3(out_dir, ModelConfig(seed=seed))
     raw = json.loads(Path(config_path).read_text())
@@ -92,34 +89,6 @@ def build_random_medgemma(out_dir: str | Path, *, tiny: bool = False, seed: int 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out_dir
-
-
-@dataclass
-class QA:
-    image: object          # PIL.Image, RGB, square, at the model's size
-    img_id: str
-    question: str
-    answer: str
-
-
-def benchmark_qa(n_images: int, image_size: int, seed: int = 0) -> list[QA]:
-    """Kvasir-like QA from the project's synthetic generator (~9 per image), images resized to
-    the model's input size as the prepare stage does. Rows whose answer is "nan" are skipped."""
-    from PIL import Image
-
-    from vqatune.data.synthetic import synthetic_rows
-
-    images: dict[str, object] = {}
-    rows = []
-    for row in synthetic_rows(n_images, seed):
-        if row["answer"] == "nan":
-            continue
-        if row["img_id"] not in images:
-            img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
-            images[row["img_id"]] = img.resize((image_size, image_size), Image.BILINEAR)
-        rows.append(QA(images[row["img_id"]], row["img_id"], row["question"], row["answer"]))
-    random.Random(seed).shuffle(rows)
-    return rows
 
 
 # --------------------------------------------------------------------------- FLOP model

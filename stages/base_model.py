@@ -8,8 +8,8 @@ import argparse
 import logging
 import sys
 
-from vqatune.base_model import materialise_base_model
 from vqatune.config import ConfigError, ModelConfig, load_params, section
+from vqatune.models.base import materialise_base_model
 
 
 def main(argv: list[str] | None = None) -> int:

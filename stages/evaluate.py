@@ -8,22 +8,16 @@ mode (six configurations), score them and the majority-answer baseline, draw the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
-from vqatune.evaluation import EvaluateConfig, evaluate_models, write_predictions
-from vqatune.plots import plot_by_category, plot_configurations, write_plot_data
+from vqatune.evaluation.config import EvaluateConfig
+from vqatune.evaluation.plots import plot_by_category, plot_configurations, write_plot_data
+from vqatune.evaluation.run import evaluate_models, write_predictions
+from vqatune.outputs import write_metrics
 from vqatune.provenance import record
-
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     write_plot_data(report.scores, report.by_category, plots)
     plot_configurations(report.scores, plots / "configurations.png")
     plot_by_category(report.by_category, plots / "by_category.png")
-    write_json(report.by_category, Path(args.by_category))
+    write_metrics(args.by_category, report.by_category)
     provenance = record(params={"evaluate": cfg, "model.trust_remote_code": trust},
                         inputs=[args.base, args.adapter, args.data])
-    write_json({**report.scores, "provenance": provenance}, Path(args.metrics))
+    write_metrics(args.metrics, {**report.scores, "provenance": provenance})
 
     s, gen = report.scores, report.scores["generation"]
     print("evaluate: exact match  " + "  ".join(

@@ -11,15 +11,14 @@ on first use: `python -m vqatune.export.converter`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from vqatune.config import ConfigError, load_params, section
 from vqatune.export.converter import ConverterError
 from vqatune.export.gguf import ExportConfig, ExportError, export_gguf
+from vqatune.outputs import write_metrics
 from vqatune.prompts import PromptsConfig
 from vqatune.provenance import record
 
@@ -43,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stats["seconds"] = round(time.perf_counter() - start, 1)
     stats["provenance"] = record(params={"export": cfg, "prompts.static": prompts.static}, inputs=[args.merged])
-    metrics = Path(args.metrics)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(stats, indent=2) + "\n")
+    write_metrics(args.metrics, stats)
     diff = stats.get("text_max_abs_logit_diff")
     print(f"export: {args.out}/{cfg.name}.gguf ({cfg.outtype}, {stats['text_tensors']} tensors) + "
           f"mmproj-{cfg.name}.gguf ({stats['mmproj_tensors']} tensors) + Modelfile"

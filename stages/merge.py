@@ -7,14 +7,13 @@ it, with processor and tokenizer, in the checkpoint layout llama.cpp's converter
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
 from vqatune.export.merge import MergeConfig, MergeError, merge_adapter
+from vqatune.outputs import write_metrics
 from vqatune.provenance import record
 
 
@@ -39,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     stats["seconds"] = round(time.perf_counter() - start, 1)
     stats["provenance"] = record(params={"merge": cfg, "model.trust_remote_code": trust},
                                  inputs=[args.base, args.adapter])
-    metrics = Path(args.metrics)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(stats, indent=2) + "\n")
+    write_metrics(args.metrics, stats)
     diff = stats.get("probe_max_abs_logit_diff")
     print(f"merge: {args.adapter} + {args.base} -> {args.out} ({stats['dtype']}, "
           f"{stats['parameters']:,} parameters, tied embeddings: {stats['tied_embeddings']}"

@@ -6,13 +6,12 @@ categorise questions, build chat messages per prompt mode, split by image id.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, PrepareConfig, load_params, section
 from vqatune.data.prepare import prepare_dataset
+from vqatune.outputs import write_metrics
 from vqatune.prompts import PromptsConfig
 from vqatune.provenance import record
 
@@ -35,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"prepare: {err}", file=sys.stderr)
         return 2
-    metrics = Path(args.metrics)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(stats, indent=2) + "\n")
+    write_metrics(args.metrics, stats)
     print(f"prepare: {stats['rows_in']} rows in -> {stats['rows_out']} "
           f"({stats['dropped_total']} dropped) in {stats['seconds']} s ({stats['rows_per_s']} rows/s)")
     return 0

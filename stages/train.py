@@ -16,41 +16,21 @@ never records an interrupted run as done.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-from vqatune import distributed
 from vqatune.config import ConfigError, ModelConfig, as_dict, load_params, section
-from vqatune.model_card import model_card
+from vqatune.outputs import write_metrics
 from vqatune.provenance import environment, record
-from vqatune.training import (TrainConfig, TrainingInterrupted, apply_overrides, load_hyperparameters,
-                              run_training, write_curves)
-
+from vqatune.training import distributed
+from vqatune.training.card import model_card
+from vqatune.training.config import TrainConfig, apply_overrides, load_hyperparameters
+from vqatune.training.curves import write_curves
+from vqatune.training.run import TrainingInterrupted, run_training
 
 ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
-
-
-def _raise_interrupt(signum, frame):
-    # DVC and schedulers stop a stage with SIGTERM: treat it like Ctrl-C (save partial, exit non-zero).
-    raise KeyboardInterrupt
-
-
-def _run_launcher(command: list[str], env: dict) -> int:
-    """Run the launcher; Ctrl-C or SIGTERM here reaches every training process as SIGTERM, which
-    each turns into its interrupt path (the main one saves the partial adapter)."""
-    launcher = subprocess.Popen(command, env=env)
-    try:
-        return launcher.wait()
-    except KeyboardInterrupt:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait()
-        return 130
 
 
 def _write_card(adapter_dir: Path, model_cfg, train_cfg, metrics, source, partial) -> None:
@@ -76,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = distributed.in_launch() and not distributed.is_main_process()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # DVC and schedulers stop a stage with SIGTERM: treat it like Ctrl-C (save partial, exit non-zero).
+    distributed.interrupt_on_sigterm()
 
     try:
         params = load_params(args.params)
@@ -99,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if processes > 1:
             # One command for DVC: this script again, once per GPU, under accelerate's launcher.
-            command = distributed.launch_command(Path(__file__), argv if argv is not None else sys.argv[1:],
-                                                 processes, config_file=ACCELERATE_CONFIG)
-            logging.getLogger("train").info("data-parallel on %d processes: %s", processes, " ".join(command))
-            env = {**os.environ, distributed.ENV_NUM_PROCESSES: str(processes)}
-            return _run_launcher(command, env)
+            return distributed.relaunch(Path(__file__), argv if argv is not None else sys.argv[1:],
+                                        processes, config_file=ACCELERATE_CONFIG)
     try:
         result = run_training(train_cfg, args.model, args.data, tmp, checkpoint_dir=args.checkpoints,
                               resume=not args.fresh, trust_remote_code=model_cfg.trust_remote_code)
@@ -131,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     write_curves(result.log_history, args.plots)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    metrics_path = Path(args.metrics)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.metrics, metrics)
     print(f"train: {result.steps} steps, {result.epochs} epochs in {result.seconds} s "
           f"({result.examples_per_s} examples/s, peak {result.peak_memory_gib} GiB, {result.device}, "
           f"{result.quantization}); eval loss {result.eval_loss_start} -> {result.eval_loss}; "

@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
+from vqatune.outputs import write_json, write_metrics
 from vqatune.provenance import record
-from vqatune.search import SearchError, TuneConfig, trial_counts, tune
-from vqatune.search_report import (best_params_record, disabled_outputs, search_metrics, write_json,
-                                   write_plots)
-from vqatune.training import TrainConfig
-
-
-def _raise_interrupt(signum, frame):
-    # DVC and schedulers stop a stage with SIGTERM: stop like Ctrl-C, failing only the running trial.
-    raise KeyboardInterrupt
+from vqatune.search.config import TuneConfig
+from vqatune.search.objective import tune
+from vqatune.search.report import best_params_record, disabled_outputs, search_metrics, write_plots
+from vqatune.search.workers import SearchError, trial_counts
+from vqatune.training.config import TrainConfig
+from vqatune.training.distributed import interrupt_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="N >= 1: an extra worker that only runs trials (seeds its sampler apart)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGTERM (how DVC and schedulers stop a stage) stops like Ctrl-C, failing only the running trial.
+    interrupt_on_sigterm()
     start = time.perf_counter()
 
     try:
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.enabled:
             best, metrics = disabled_outputs()
             write_json(args.best_params, best)
-            write_json(args.metrics, {**metrics, "provenance": record(params={"tune": cfg})})
+            write_metrics(args.metrics, {**metrics, "provenance": record(params={"tune": cfg})})
             write_plots(None, args.plots, objective=cfg.objective)
             print("tune: disabled (tune.enabled: false); training uses train: as it is")
             return 0
@@ -84,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.best_params, best)
     provenance = record(params={"tune": cfg, "train": train_cfg, "model.trust_remote_code": trust},
                         inputs=[args.model, args.data])
-    write_json(args.metrics, {**search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage),
-                              "provenance": provenance})
+    write_metrics(args.metrics, {**search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage),
+                                 "provenance": provenance})
     write_plots(study, args.plots, objective=cfg.objective, seed=cfg.seed)
     print(f"tune: study {study.study_name}: {summary}; best {cfg.objective} {best['best_value']:.4f} "
           f"(trial {best['trial']}): {best['params']}")

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny_model_dir(tmp_path_factory):
     """A folder holding the builtin tiny Gemma 3 (weights, processor, tokenizer.model)."""
     from vqatune.config import ModelConfig
-    from vqatune.tiny_model import build_tiny_gemma3
+    from vqatune.models.tiny import build_tiny_gemma3
 
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny-model"), ModelConfig())
 

@@ -12,7 +12,7 @@ def make_perturbed_adapter(base_dir: Path, out_dir: Path, seed: int = 1) -> Path
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from vqatune.model import free_model, load_base_model
+    from vqatune.models.loading import free_model, load_base_model
 
     torch.manual_seed(seed)
     model = load_base_model(base_dir, dtype="float32", device="cpu")

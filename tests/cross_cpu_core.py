@@ -15,8 +15,10 @@ from pathlib import Path
 
 import vqatune  # noqa: F401  (first: pins the CPU numerics before torch runs anything)
 from vqatune.config import load_params, section
-from vqatune.evaluation import EvaluateConfig, evaluate_models
-from vqatune.training import TrainConfig, apply_overrides, run_training
+from vqatune.evaluation.config import EvaluateConfig
+from vqatune.evaluation.run import evaluate_models
+from vqatune.training.config import TrainConfig, apply_overrides
+from vqatune.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"max_steps": 6, "batch_size": 4, "eval_batch_size": 8, "eval_steps": 3, "save_steps": 3,

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest_adapters import make_perturbed_adapter
-from vqatune.ask import EXIT_BATCH, EXIT_IMAGE, EXIT_MODEL, EXIT_QUESTION, EXIT_ROWS
-from vqatune.cli import main
+from vqatune.cli.ask import EXIT_BATCH, EXIT_IMAGE, EXIT_MODEL, EXIT_QUESTION, EXIT_ROWS
+from vqatune.cli.main import main
 
 QUESTION = "How many polyps are in the image?"
 
@@ -42,8 +42,8 @@ def _evaluation_answer(model_dir, image_path, question, mode, adapter=None):
     generate_answers."""
     from vqatune.config import PrepareConfig
     from vqatune.data.prepare import decode_image
-    from vqatune.generation import generate_answers
-    from vqatune.model import load_base_model, load_processor
+    from vqatune.generation.generate import generate_answers
+    from vqatune.models.loading import load_base_model, load_processor
     from vqatune.prompts import PromptsConfig, build_messages
 
     model = load_base_model(model_dir, device="cpu")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqatune.collate import IGNORE_INDEX, AnswerOnlyCollator, answer_text
-from vqatune.model import load_processor
+from vqatune.training.collate import IGNORE_INDEX, AnswerOnlyCollator, answer_text
+from vqatune.models.loading import load_processor
 from vqatune.prompts import PROMPT_MODES
 
 
@@ -106,7 +106,7 @@ def test_bad_mode_and_side_are_refused(processor):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("mode", PROMPT_MODES)
 def test_image_keys_give_the_pixel_paths_tokens_and_each_rows_key(processor, rows, mode, padding_side):
-    from vqatune.speed import image_key
+    from vqatune.vision.keys import image_key
 
     pixels = AnswerOnlyCollator(processor, mode, padding_side, max_length=60)
     keyed = AnswerOnlyCollator(processor, mode, padding_side, max_length=60, image_keys=True)

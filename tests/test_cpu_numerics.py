@@ -23,11 +23,13 @@ from PIL import Image
 
 from vqatune.config import load_params, section
 from vqatune.data.kvasir import QUESTIONS
-from vqatune.evaluation import EvaluateConfig, load_tuned_model
-from vqatune.generation import generate_answers
-from vqatune.model import load_base_model, load_processor
+from vqatune.evaluation.config import EvaluateConfig
+from vqatune.evaluation.run import load_for_evaluation
+from vqatune.generation.generate import generate_answers, prompt_texts
+from vqatune.models.loading import load_base_model, load_processor
 from vqatune.prompts import PromptsConfig, build_messages
-from vqatune.training import TrainConfig, apply_overrides, run_training
+from vqatune.training.config import TrainConfig, apply_overrides
+from vqatune.training.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +69,6 @@ def test_the_simulated_cpu_really_turns_the_packed_path_on(tiny_model_dir, avx51
 
 def test_4bit_eval_forward_on_an_avx512_bf16_cpu_matches_a_cpu_without_it(tiny_model_dir, monkeypatch):
     processor, messages, images = _image_inputs(tiny_model_dir)
-    from vqatune.generation import prompt_texts
-
     inputs = processor(text=prompt_texts(processor, messages), images=[[im] for im in images],
                        return_tensors="pt", padding=True, add_special_tokens=False)
 
@@ -120,7 +120,7 @@ def test_4bit_generation_on_an_avx512_bf16_cpu_matches_a_cpu_without_it(tiny_mod
     _, messages, images = _image_inputs(tiny_model_dir, n=3)
 
     def answers():
-        model, processor = load_tuned_model(tiny_model_dir, tmp_path / "adapter", eval_cfg)
+        model, processor = load_for_evaluation(tiny_model_dir, tmp_path / "adapter", eval_cfg)
         assert not any(layer.support_avx512bf16_for_cpu for layer in _four_bit_layers(model))
         return generate_answers(model, processor, messages, images, batch_size=2, max_new_tokens=6)
 

@@ -16,8 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vqatune import distributed
 from vqatune.config import ConfigError, load_params
+from vqatune.training import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,27 @@ def test_launch_command_is_an_argument_list_with_the_committed_config():
     assert command[-3:] == ["stages/train.py", "--out", "a b"]
     config = yaml.safe_load((REPO / "configs/accelerate/ddp.yaml").read_text())
     assert config["distributed_type"] == "MULTI_GPU" and config["num_machines"] == 1
+
+
+def test_the_launcher_returns_its_status_and_passes_sigterm_on_to_the_processes():
+    """The stage's relaunch path, in the library: the launcher's exit status comes back, and a
+    SIGTERM to the stage (made a KeyboardInterrupt) is sent on to the launched processes: 130."""
+    import os
+    import signal
+    import threading
+    import time
+
+    assert distributed.run_launcher([sys.executable, "-c", "import sys; sys.exit(3)"], dict(os.environ)) == 3
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        distributed.interrupt_on_sigterm()
+        start = time.monotonic()
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        assert distributed.run_launcher(sleeper, dict(os.environ)) == 130
+        assert time.monotonic() - start < 30  # the child was stopped, not waited for
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(tmp_path: Path, name: str, model_dir, data_dir, processes: int) -> tuple[dict, dict, list]:
@@ -145,7 +166,7 @@ import torch, torch.distributed as dist
 from torch._dynamo.backends import distributed as dynamo_ddp
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 from peft import LoraConfig, get_peft_model
-from vqatune import speed
+from vqatune.models.compile import compile_layers
 
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
@@ -159,7 +180,7 @@ torch.manual_seed(0)
 config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=8)
 model = get_peft_model(Gemma3ForCausalLM(config), LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
-layers = speed.compile_layers(model, towers=("DecoderLayer",))
+layers = compile_layers(model, towers=("DecoderLayer",))
 if sys.argv[1] == "ddp_optimizer":  # what Dynamo does by default
     torch._dynamo.config.optimize_ddp = True
 ddp = torch.nn.parallel.DistributedDataParallel(model)

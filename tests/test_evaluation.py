@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vqatune import model as model_module
+from vqatune.models import loading as model_module
 from vqatune.config import ConfigError, build
-from vqatune.evaluation import EvaluateConfig, evaluation_rows, prompt_messages
-from vqatune.generation import generate_answers
-from vqatune.metrics import METRIC_NAMES
+from vqatune.evaluation.config import EvaluateConfig
+from vqatune.evaluation.run import evaluation_rows, prompt_messages
+from vqatune.generation.generate import generate_answers
+from vqatune.evaluation.metrics import METRIC_NAMES
 from conftest_stages import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,8 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter on the tiny model with non-zero weights, so tuned answers differ."""
     import torch
 
-    from vqatune.model import LoraSettings, attach_lora, load_base_model
+    from vqatune.models.loading import load_base_model
+    from vqatune.models.lora import LoraSettings, attach_lora
 
     peft_model = attach_lora(load_base_model(tiny_model_dir, device="cpu"), LoraSettings(r=4, alpha=8))
     torch.manual_seed(0)
@@ -142,7 +144,7 @@ def test_majority_baseline_predicts_training_majority(stage_run, processed_dir):
 
     from datasets import load_from_disk
 
-    from vqatune.metrics import answer_set
+    from vqatune.evaluation.metrics import answer_set
 
     _, out, _ = stage_run
     train = load_from_disk(str(processed_dir))["train"]

@@ -297,7 +297,7 @@ def test_llama_cpp_answers_a_question_about_an_image(merged_dir, exported, tmp_p
     # llama.cpp's prompt is transformers' token for token (16 image tokens from 8x8 patches
     # pooled 2x2, one <start_of_turn>, ...) but for the two "\n\n" the processor wraps around
     # the image and llama.cpp's Gemma 3 path does not.
-    from vqatune.model import load_processor
+    from vqatune.models.loading import load_processor
     from vqatune.prompts import build_messages
 
     processor = load_processor(merged_dir)
@@ -358,7 +358,7 @@ def test_ollama_template_renders_as_the_chat_template(tiny_model_dir, tmp_path):
     go = shutil.which("go")
     if go is None:
         pytest.skip("needs the Go toolchain (apt-get install golang-go)")
-    from vqatune.model import load_processor
+    from vqatune.models.loading import load_processor
     from vqatune.prompts import build_messages
 
     (tmp_path / "main.go").write_text(GO_RENDERER)

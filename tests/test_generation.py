@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from vqatune.data.kvasir import QUESTIONS
-from vqatune.generation import generate_answers, prompt_texts
-from vqatune.model import load_base_model, load_processor
+from vqatune.generation.generate import generate_answers, prompt_texts
+from vqatune.models.loading import load_base_model, load_processor
 from vqatune.prompts import PROMPT_MODES, PromptsConfig, build_messages
 
 
@@ -90,7 +90,7 @@ def test_mismatched_inputs_are_refused(tiny):
 
 
 def test_image_keys_give_the_same_answers_and_process_each_image_once(tiny):
-    from vqatune.speed import ImagePixelCache
+    from vqatune.vision.pixel_cache import ImagePixelCache
 
     model, processor = tiny
     messages, distinct = _inputs(9)

@@ -47,7 +47,7 @@ def _load(path):
 def test_merged_logits_equal_base_plus_adapter(tiny_model_dir, adapter_dir, merged):
     from peft import PeftModel
 
-    from vqatune.model import load_processor
+    from vqatune.models.loading import load_processor
 
     merged_dir, _ = merged
     processor = load_processor(merged_dir)

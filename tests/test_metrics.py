@@ -6,7 +6,7 @@ import os
 import pytest
 
 from vqatune.config import ConfigError
-from vqatune.metrics import (
+from vqatune.evaluation.metrics import (
     answer_set,
     exact_match,
     majority_answers,

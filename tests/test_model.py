@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vqatune.config import ConfigError, build
-from vqatune.model import (LoraSettings, attach_lora, free_model, load_base_model,
-                           prepare_for_kbit_training, trainable_parameters)
+from vqatune.models.loading import free_model, load_base_model
+from vqatune.models.lora import LoraSettings, attach_lora, trainable_parameters
+from vqatune.models.precision import prepare_for_kbit_training
 
 
 def lora_modules(model) -> set[str]:

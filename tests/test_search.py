@@ -19,9 +19,11 @@ import optuna
 import pytest
 
 from vqatune.config import ConfigError, build, load_params, section
-from vqatune.search import (SearchError, TuneConfig, open_study, run_search, study_name_for, suggest,
-                            training_objective, trial_counts)
-from vqatune.search_report import best_params_record, search_metrics
+from vqatune.search.config import TuneConfig
+from vqatune.search.objective import study_name_for, training_objective
+from vqatune.search.study import open_study, run_search, suggest
+from vqatune.search.workers import SearchError, trial_counts
+from vqatune.search.report import best_params_record, search_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -90,7 +92,7 @@ def test_bad_tune_values_name_the_key(raw, message):
 
 
 def test_the_study_name_changes_with_what_trials_depend_on_and_nothing_else(tmp_path, monkeypatch):
-    from vqatune.training import TrainConfig
+    from vqatune.training.config import TrainConfig
 
     model, data = tmp_path / "model", tmp_path / "data" / "train"
     model.mkdir()
@@ -118,7 +120,7 @@ def test_the_study_name_changes_with_what_trials_depend_on_and_nothing_else(tmp_
     (data / "state.json").write_text('{"_fingerprint": "abc"}')
     assert study_name_for(cfg, train, model, data.parent) == name
     # Other code: its trials' numbers may not be this code's.
-    monkeypatch.setattr("vqatune.search.code_signature", lambda: "other")
+    monkeypatch.setattr("vqatune.search.objective.code_signature", lambda entry: "other")
     assert study_name_for(cfg, train, model, data.parent) != name
 
 
@@ -198,7 +200,8 @@ def test_ctrl_c_stops_the_worker_and_the_trial_is_abandoned_not_failed(tmp_path)
 WORKER = textwrap.dedent("""
     import sys, time
     from vqatune.config import build
-    from vqatune.search import TuneConfig, run_search, suggest
+    from vqatune.search.config import TuneConfig
+    from vqatune.search.study import run_search, suggest
 
     storage, n_trials, seconds, worker, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     cfg = build(TuneConfig, {"storage": storage, "n_trials": n_trials, "sampler": "random",
@@ -393,7 +396,7 @@ class OomOnTrial:
 def test_tiny_trials_prune_early_fail_cleanly_and_leak_no_memory(tmp_path, tiny_model_dir, processed_dir):
     import torch
 
-    from vqatune.training import TrainConfig
+    from vqatune.training.config import TrainConfig
 
     torch.set_num_threads(1)
     train = build(TrainConfig, {"quantization": "none", "batch_size": 1, "eval_batch_size": 4,
@@ -461,7 +464,7 @@ def run_stage(tmp_path, tune_params, model="models/base", data="data/processed",
 
 
 def test_disabled_stage_keeps_the_pipeline_shape_and_training_uses_train_as_is(tmp_path):
-    from vqatune.training import load_hyperparameters
+    from vqatune.training.config import load_hyperparameters
 
     code, out = run_stage(tmp_path, {"enabled": False}, model=tmp_path / "absent", data=tmp_path / "absent")
     assert code == 0
@@ -483,7 +486,7 @@ def test_stage_stops_on_a_bad_search_key_before_any_training(tmp_path, capsys):
 
 
 def test_stage_writes_best_params_the_training_stage_reads(tmp_path, tiny_model_dir, processed_dir):
-    from vqatune.training import TrainConfig, apply_overrides, load_hyperparameters
+    from vqatune.training.config import TrainConfig, apply_overrides, load_hyperparameters
 
     # A copy: the stage must leave data/processed (the prepare stage's DVC output) as it was.
     data = shutil.copytree(processed_dir, tmp_path / "processed")

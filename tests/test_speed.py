@@ -1,16 +1,60 @@
 """The GPU levers compute the same function as the plain path (checked on the tiny model, CPU)."""
 from __future__ import annotations
 
+import collections
 import contextlib
-import sys
-from pathlib import Path
+import io
+import random
 
 import pytest
 import torch
 
-from vqatune import speed
+from vqatune.cpu_numerics import use_portable_4bit_path
+from vqatune.generation.encoder import BatchEncoder
+from vqatune.models.compile import compile_layers, compile_norms, compile_wanted, freeze_gc_after_warmup
+from vqatune.models.precision import adapters_in_compute_dtype, dequantize_for_generation, freeze_for_kbit_training
+from vqatune.vision.feature_cache import (_multimodal_core, install_image_feature_cache,
+                                          maybe_install_image_feature_cache, vision_cache_blocker)
+from vqatune.vision.keys import image_key_tensor
+from vqatune.vision.pixel_cache import ImagePixelCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+QA = collections.namedtuple("QA", "image img_id question answer")
+
+
+def synthetic_qa(n_images: int, image_size: int, seed: int = 0) -> list[QA]:
+    """Kvasir-like QA from the product's synthetic generator (~9 per image), images resized to
+    the model's input size as the prepare stage does, shuffled; "nan" answers skipped."""
+    from PIL import Image
+
+    from vqatune.data.synthetic import synthetic_rows
+
+    images, rows = {}, []
+    for row in synthetic_rows(n_images, seed):
+        if row["answer"] == "nan":
+            continue
+        if row["img_id"] not in images:
+            img = Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB")
+            images[row["img_id"]] = img.resize((image_size, image_size), Image.BILINEAR)
+        rows.append(QA(images[row["img_id"]], row["img_id"], row["question"], row["answer"]))
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def collate(processor, rows, *, train: bool):
+    """A training batch from the product's collator (loss on the answer only), or left-padded
+    prompts as generation builds them."""
+    from vqatune.generation.generate import prompt_texts
+    from vqatune.prompts import PromptsConfig, build_messages
+    from vqatune.training.collate import AnswerOnlyCollator
+
+    if train:
+        return AnswerOnlyCollator(processor, pad_to_multiple_of=1)(
+            [{"messages_none": build_messages(r.question, "none", PromptsConfig(), r.answer),
+              "image": r.image, "img_id": r.img_id} for r in rows])
+    processor.tokenizer.padding_side = "left"
+    texts = prompt_texts(processor, [build_messages(r.question, "none", PromptsConfig()) for r in rows])
+    return processor(text=texts, images=[[r.image] for r in rows], padding=True, return_tensors="pt",
+                     add_special_tokens=False)
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +68,8 @@ def tiny(tiny_model_dir):
 
 
 def _batch(processor, n=3, seed=0):
-    from medgemma import benchmark_qa
-    from proto_levers import collate
 
-    rows = benchmark_qa(4, processor.image_processor.size["height"], seed=seed)[:n]
+    rows = synthetic_qa(4, processor.image_processor.size["height"], seed=seed)[:n]
     return rows, collate(processor, rows, train=True)
 
 
@@ -37,7 +79,7 @@ def frozen_with_distinct_image_features(model):
     model's starts at zero, which gives every image the same features (0). Restored after."""
     for p in model.parameters():
         p.requires_grad_(False)
-    core = speed._multimodal_core(model)
+    core = _multimodal_core(model)
     projection = core.multi_modal_projector.mm_input_projection_weight
     zero = projection.detach().clone()
     projection.data = torch.randn(projection.shape, generator=torch.Generator().manual_seed(0))
@@ -56,10 +98,10 @@ def test_image_feature_cache_returns_what_the_tower_computes_and_runs_it_once_pe
         p.requires_grad_(False)
     with torch.no_grad():
         ref = model(**batch).logits
-    cache = speed.install_image_feature_cache(model, training=True)
+    cache = install_image_feature_cache(model, training=True)
     try:
         calls = []
-        tower = speed._multimodal_core(model).vision_tower
+        tower = _multimodal_core(model).vision_tower
         handle = tower.register_forward_hook(
             lambda m, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
         with torch.no_grad():
@@ -78,7 +120,7 @@ def test_image_feature_cache_returns_what_the_tower_computes_and_runs_it_once_pe
         assert cache.keys(other)[1:] == cache.keys(batch["pixel_values"])[1:]
     finally:
         cache.uninstall()
-    assert "get_image_features" not in vars(speed._multimodal_core(model))
+    assert "get_image_features" not in vars(_multimodal_core(model))
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -97,10 +139,10 @@ def _check_keyed_batches(model, core, rows, batch, distinct):
         ref_features = core.get_image_features(batch["pixel_values"], return_dict=True).pooler_output
         ref = model(**batch).logits
     assert len({tuple(f.flatten().tolist()) for f in ref_features}) == distinct, "features must tell images apart"
-    keys = speed.image_key_tensor([r.img_id for r in rows])
+    keys = image_key_tensor([r.img_id for r in rows])
     assert keys.dtype == torch.int64 and keys.shape == (len(rows), 2)
     assert len({tuple(k) for k in keys.tolist()}) == distinct
-    cache = speed.install_image_feature_cache(model, training=True)
+    cache = install_image_feature_cache(model, training=True)
     try:
         calls = []
         handle = core.vision_tower.register_forward_hook(
@@ -116,7 +158,7 @@ def _check_keyed_batches(model, core, rows, batch, distinct):
         torch.testing.assert_close(logits, ref)
         assert cache.misses == distinct and cache.hits == 2 * len(rows)
         with pytest.raises(ValueError, match="not precomputed"):
-            core.get_image_features(speed.image_key_tensor(["never-prefilled"]))
+            core.get_image_features(image_key_tensor(["never-prefilled"]))
         # Keys are names, not pixels: the pixel path hashes pixels and computes them again.
         with torch.no_grad():
             core.get_image_features(batch["pixel_values"][:1])
@@ -135,8 +177,8 @@ def test_image_feature_cache_moved_to_one_table_answers_keyed_batches_there(tiny
 
 
 def _check_table(model, core, rows, batch):
-    keys = speed.image_key_tensor([r.img_id for r in rows])
-    cache = speed.install_image_feature_cache(model, training=True)
+    keys = image_key_tensor([r.img_id for r in rows])
+    cache = install_image_feature_cache(model, training=True)
     try:
         with torch.no_grad():
             cache.prefill([(keys, batch["pixel_values"])], "cpu")
@@ -150,7 +192,7 @@ def _check_table(model, core, rows, batch):
         with torch.no_grad():
             from_table = core.get_image_features(keys[order]).pooler_output
         torch.testing.assert_close(from_table, from_dict[order], rtol=0, atol=0)
-        unknown = speed.image_key_tensor(["never-prefilled"])
+        unknown = image_key_tensor(["never-prefilled"])
         with pytest.raises(RuntimeError, match="not precomputed"):
             core.get_image_features(torch.cat([keys[:1], unknown]))
         # A new image (the pixel path) drops the table; keyed batches use the dict again.
@@ -169,14 +211,14 @@ def test_image_feature_cache_refuses_a_trainable_tower_or_an_adapter_on_it(tiny_
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="vision_tower trains"):
-        speed.install_image_feature_cache(model, training=True)
+        install_image_feature_cache(model, training=True)
     # generation: requires_grad is irrelevant, the weights never change
-    speed.install_image_feature_cache(model, training=False).uninstall()
+    install_image_feature_cache(model, training=False).uninstall()
     projector = get_peft_model(model, LoraConfig(r=2, target_modules=["up_proj"],
                                                  modules_to_save=["multi_modal_projector"]))
-    assert "multi_modal_projector" in speed.vision_cache_blocker(projector, training=False)
-    assert speed.maybe_install_image_feature_cache(projector, training=True) is None
-    assert speed.maybe_install_image_feature_cache(projector, training=False, enabled=False) is None
+    assert "multi_modal_projector" in vision_cache_blocker(projector, training=False)
+    assert maybe_install_image_feature_cache(projector, training=True) is None
+    assert maybe_install_image_feature_cache(projector, training=False, enabled=False) is None
 
 
 def test_no_cache_when_lora_reaches_the_vision_tower(tiny_model_dir):
@@ -185,9 +227,9 @@ def test_no_cache_when_lora_reaches_the_vision_tower(tiny_model_dir):
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     vision = get_peft_model(model, LoraConfig(r=2, target_modules=["fc1"]))
-    assert "vision_tower" in speed.vision_cache_blocker(vision, training=False)
+    assert "vision_tower" in vision_cache_blocker(vision, training=False)
     with pytest.raises(ValueError, match="adapter reaches the vision_tower"):
-        speed.install_image_feature_cache(vision, training=False)
+        install_image_feature_cache(vision, training=False)
 
 
 def test_dequantized_nf4_model_generates_what_the_nf4_model_generates(tiny_model_dir):
@@ -198,16 +240,15 @@ def test_dequantized_nf4_model_generates_what_the_nf4_model_generates(tiny_model
                            bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, quantization_config=q,
                                                         device_map={"": "cpu"})
+    use_portable_4bit_path(model)  # as the product's loader does, on any CPU
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "down_proj"], init_lora_weights=False))
     model.eval()
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    from proto_levers import collate
 
-    from medgemma import benchmark_qa
-    batch = collate(processor, benchmark_qa(3, processor.image_processor.size["height"], seed=3)[:4], train=False)
+    batch = collate(processor, synthetic_qa(3, processor.image_processor.size["height"], seed=3)[:4], train=False)
     with torch.no_grad():
         ref = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    replaced = speed.dequantize_for_generation(model, dtype=torch.float32)
+    replaced = dequantize_for_generation(model, dtype=torch.float32)
     assert replaced > 0
     assert not any(type(m).__name__ == "Linear4bit" and not hasattr(m, "lora_A") for m in model.modules())
     with torch.no_grad():
@@ -222,10 +263,10 @@ def test_freeze_without_upcast_keeps_dtypes_and_freezes(tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
-    speed.freeze_for_kbit_training(model, upcast_to_fp32=False, gradient_checkpointing=True)
+    freeze_for_kbit_training(model, upcast_to_fp32=False, gradient_checkpointing=True)
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
     assert model.is_gradient_checkpointing
-    speed.freeze_for_kbit_training(model, upcast_to_fp32=True, gradient_checkpointing=False)
+    freeze_for_kbit_training(model, upcast_to_fp32=True, gradient_checkpointing=False)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the guide's upcast, on request
 
 
@@ -233,9 +274,8 @@ def test_batch_encoder_returns_what_one_processor_call_returns(tiny):
     from vqatune.prompts import PromptsConfig, build_messages
 
     _, processor = tiny
-    from medgemma import benchmark_qa
 
-    rows = benchmark_qa(4, processor.image_processor.size["height"], seed=4)[:7]
+    rows = synthetic_qa(4, processor.image_processor.size["height"], seed=4)[:7]
     modes = ["none", "static", "adaptive"]  # different prompt lengths -> real padding
     texts = [processor.apply_chat_template(build_messages(r.question, modes[i % 3], PromptsConfig()),
                                            add_generation_prompt=True, tokenize=False) for i, r in enumerate(rows)]
@@ -243,7 +283,7 @@ def test_batch_encoder_returns_what_one_processor_call_returns(tiny):
     processor.tokenizer.padding_side = "left"
     ref = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True,
                     add_special_tokens=False)
-    encoder = speed.BatchEncoder(processor, texts, images, threads=3)
+    encoder = BatchEncoder(processor, texts, images, threads=3)
     try:
         got = encoder.submit(list(range(len(rows)))).result()
         one = encoder.submit([2]).result()
@@ -284,8 +324,8 @@ def _test_rows(processed_dir):
 
 
 def _texts(processor, rows, mode_offset=0):
-    from vqatune.evaluation import prompt_messages
-    from vqatune.generation import prompt_texts
+    from vqatune.evaluation.run import prompt_messages
+    from vqatune.generation.generate import prompt_texts
 
     modes = ["none", "static", "adaptive"]  # different prompt lengths -> real padding
     return prompt_texts(processor, [prompt_messages(row[f"messages_{modes[(i + mode_offset) % 3]}"])
@@ -316,8 +356,8 @@ def test_batch_encoder_with_image_keys_returns_what_one_processor_call_returns(t
     try:
         ref = _reference(processor, texts, plain)
         assert len(set(ref["attention_mask"].sum(1).tolist())) > 1, "rows must differ in length"
-        cache = speed.ImagePixelCache()
-        encoder = speed.BatchEncoder(processor, texts, images, threads=2, image_keys=keys, pixel_cache=cache)
+        cache = ImagePixelCache()
+        encoder = BatchEncoder(processor, texts, images, threads=2, image_keys=keys, pixel_cache=cache)
         try:
             first = encoder.submit([0, 1, 4]).result()  # rows 0 and 4 show the same image
             whole = encoder.submit(list(range(len(rows)))).result()
@@ -331,7 +371,7 @@ def test_batch_encoder_with_image_keys_returns_what_one_processor_call_returns(t
         # Another configuration (other prompts, same images) with the same cache: no image is read.
         other_texts = _texts(processor, rows, mode_offset=1)
         images.reads.clear()
-        encoder = speed.BatchEncoder(processor, other_texts, images, threads=3, image_keys=keys, pixel_cache=cache)
+        encoder = BatchEncoder(processor, other_texts, images, threads=3, image_keys=keys, pixel_cache=cache)
         try:
             again = encoder.submit(list(range(len(rows)))).result()
         finally:
@@ -340,7 +380,7 @@ def test_batch_encoder_with_image_keys_returns_what_one_processor_call_returns(t
         _assert_identical(again, _reference(processor, other_texts, plain))
 
         # Pixels stored in the model's dtype are the processor's pixels cast to it.
-        bf16 = speed.BatchEncoder(processor, texts, plain, threads=1, image_keys=keys,
+        bf16 = BatchEncoder(processor, texts, plain, threads=1, image_keys=keys,
                                   pixel_dtype=torch.bfloat16)
         try:
             half = bf16.submit(list(range(len(rows)))).result()
@@ -358,40 +398,39 @@ def test_batch_encoder_refuses_image_keys_it_cannot_honour(tiny):
         [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}],
         add_generation_prompt=True, tokenize=False)
     with pytest.raises(ValueError, match="2 image placeholders"):
-        speed.BatchEncoder(processor, [two], [None], image_keys=["a"])
+        BatchEncoder(processor, [two], [None], image_keys=["a"])
     with pytest.raises(ValueError, match="1 image keys for 2 prompts"):
-        speed.BatchEncoder(processor, [two, two], [None, None], image_keys=["a"])
+        BatchEncoder(processor, [two, two], [None, None], image_keys=["a"])
 
 
 def test_load_tuned_model_gives_a_bf16_base_bf16_adapters_and_leaves_fp32_alone(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from vqatune.evaluation import EvaluateConfig, load_tuned_model
+    from vqatune.evaluation.config import EvaluateConfig
+    from vqatune.evaluation.run import load_for_evaluation
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "q_proj"], init_lora_weights=False))
     model.save_pretrained(tmp_path / "adapter")
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
-    bf16, _ = load_tuned_model(tiny_model_dir, tmp_path / "adapter", EvaluateConfig(dtype="bfloat16", device="cpu"))
+    bf16, _ = load_for_evaluation(tiny_model_dir, tmp_path / "adapter", EvaluateConfig(dtype="bfloat16", device="cpu"))
     lora = {n: p for n, p in bf16.named_parameters() if "lora_" in n}
     assert len(lora) == len(saved) > 0
     assert {p.dtype for p in lora.values()} == {torch.bfloat16}  # peft alone loads them in float32
     # The same values, rounded to bf16 once.
     assert all(torch.equal(lora[n], saved[n].to(torch.bfloat16)) for n in saved)
 
-    fp32, _ = load_tuned_model(tiny_model_dir, tmp_path / "adapter", EvaluateConfig(dtype="float32", device="cpu"))
-    assert speed.adapters_in_compute_dtype(fp32) == 0
+    fp32, _ = load_for_evaluation(tiny_model_dir, tmp_path / "adapter", EvaluateConfig(dtype="float32", device="cpu"))
+    assert adapters_in_compute_dtype(fp32) == 0
     assert all(torch.equal(p, saved[n]) for n, p in fp32.named_parameters() if "lora_" in n)
 
 
 def test_compiled_norms_generate_what_the_eager_model_generates(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
-    from proto_levers import collate
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from medgemma import benchmark_qa
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     processor.tokenizer.padding_side = "left"
@@ -399,12 +438,12 @@ def test_compiled_norms_generate_what_the_eager_model_generates(tiny_model_dir):
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "down_proj"], init_lora_weights=False))
     model.eval()
-    rows = benchmark_qa(8, processor.image_processor.size["height"], seed=2)
+    rows = synthetic_qa(8, processor.image_processor.size["height"], seed=2)
     batches = [collate(processor, rows[:3], train=False), collate(processor, rows[3:8], train=False)]
     with torch.no_grad():
         eager = [model.generate(**b, max_new_tokens=5, do_sample=False) for b in batches]
     norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
-    assert speed.compile_norms(model) == norms > 0
+    assert compile_norms(model) == norms > 0
     with torch.no_grad():
         compiled = [model.generate(**b, max_new_tokens=5, do_sample=False) for b in batches]
     assert all(torch.equal(a, b) for a, b in zip(eager, compiled))  # two batch sizes, prefill and decode
@@ -429,7 +468,7 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tiny):
     for name in ("eager", "compiled"):
         model = build()
         if name == "compiled":
-            layers = speed.compile_layers(model)
+            layers = compile_layers(model)
             assert layers == model.config.text_config.num_hidden_layers + model.config.vision_config.num_hidden_layers
         losses[name] = []
         for batch in batches:
@@ -444,9 +483,9 @@ def test_compiled_layers_train_like_eager_layers(tiny_model_dir, tiny):
 
 
 def test_compile_setting_null_means_on_with_cuda_only():
-    assert speed.compile_wanted(None, "cuda") and speed.compile_wanted(None, "cuda:1")
-    assert not speed.compile_wanted(None, "cpu")
-    assert speed.compile_wanted(True, "cpu") and not speed.compile_wanted(False, "cuda")
+    assert compile_wanted(None, "cuda") and compile_wanted(None, "cuda:1")
+    assert not compile_wanted(None, "cpu")
+    assert compile_wanted(True, "cpu") and not compile_wanted(False, "cuda")
 
 
 def test_gc_freeze_keeps_warmup_objects_out_of_collections_until_training_ends():
@@ -461,7 +500,7 @@ def test_gc_freeze_keeps_warmup_objects_out_of_collections_until_training_ends()
         a.other, b.other = b, a
         return weakref.ref(a)
 
-    callback = speed.freeze_gc_after_warmup()
+    callback = freeze_gc_after_warmup()
     gc.collect()
     before_step = cycle()  # garbage (a reference cycle) alive when the first step ends
     callback.on_step_end(None, None, None)

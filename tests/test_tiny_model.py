@@ -69,7 +69,7 @@ def test_checkpoint_uses_the_layout_llama_cpp_reads(tiny_model_dir):
 def test_build_is_deterministic(tmp_path):
     from vqatune.config import ModelConfig
     from vqatune.provenance import fingerprint
-    from vqatune.tiny_model import build_tiny_gemma3
+    from vqatune.models.tiny import build_tiny_gemma3
 
     a = build_tiny_gemma3(tmp_path / "a", ModelConfig())
     b = build_tiny_gemma3(tmp_path / "b", ModelConfig())

@@ -11,9 +11,9 @@ from transformers import TrainerCallback
 
 from conftest_stages import load_stage
 from vqatune.config import ConfigError, load_params, section
-from vqatune.training import (PARTIAL_MARKER, TrainConfig, TrainingInterrupted, apply_overrides,
-                              last_complete_checkpoint, load_hyperparameters, run_training,
-                              split_train_eval)
+from vqatune.training.checkpoints import PARTIAL_MARKER, last_complete_checkpoint
+from vqatune.training.config import TrainConfig, apply_overrides, load_hyperparameters
+from vqatune.training.run import TrainingInterrupted, run_training, split_train_eval
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"max_steps": 4, "batch_size": 4, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
@@ -74,9 +74,10 @@ def test_every_trainable_parameter_changes_and_no_frozen_one_does(tiny_model_dir
 def test_loss_falls_on_a_fixed_batch(tiny_model_dir, processed_dir):
     from datasets import load_from_disk
 
-    from vqatune.collate import AnswerOnlyCollator
-    from vqatune.model import (attach_lora, free_model, load_base_model, load_processor,
-                               prepare_for_kbit_training)
+    from vqatune.training.collate import AnswerOnlyCollator
+    from vqatune.models.loading import free_model, load_base_model, load_processor
+    from vqatune.models.lora import attach_lora
+    from vqatune.models.precision import prepare_for_kbit_training
 
     cfg = small_config()
     torch.manual_seed(0)
@@ -259,16 +260,16 @@ def test_precomputed_image_features_leave_no_vision_forward_to_the_steps(tiny_mo
                                                                           monkeypatch, precompute):
     from datasets import load_from_disk
 
-    from vqatune import speed
+    from vqatune.vision.feature_cache import ImageFeatureCache
 
     caches = []
-    install = speed.ImageFeatureCache.install
+    install = ImageFeatureCache.install
 
     def spy(self, *args, **kwargs):
         caches.append(self)
         return install(self, *args, **kwargs)
 
-    monkeypatch.setattr(speed.ImageFeatureCache, "install", spy)
+    monkeypatch.setattr(ImageFeatureCache, "install", spy)
 
     class VisionCalls(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -304,8 +305,8 @@ def test_keyed_precomputed_features_train_like_lazily_cached_ones(tiny_model_dir
 
     from safetensors.torch import load_file, save_file
 
-    from vqatune import speed
-    from vqatune.collate import AnswerOnlyCollator
+    from vqatune.vision.feature_cache import ImageFeatureCache
+    from vqatune.training.collate import AnswerOnlyCollator
 
     # The tiny model's projector starts at zero, so every image's features would be 0 and any
     # features would match: a random projector makes the losses depend on which features arrive.
@@ -317,13 +318,13 @@ def test_keyed_precomputed_features_train_like_lazily_cached_ones(tiny_model_dir
     save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
 
     seen: list[set] = []
-    features = speed.ImageFeatureCache.features
+    features = ImageFeatureCache.features
 
     def spy(self, pixel_values, compute):
         seen[-1].add(pixel_values.dtype)
         return features(self, pixel_values, compute)
 
-    monkeypatch.setattr(speed.ImageFeatureCache, "features", spy)
+    monkeypatch.setattr(ImageFeatureCache, "features", spy)
     images_read = []  # by keyed batches: they need no image, so their rows carry none
     collate = AnswerOnlyCollator.__call__
 
@@ -358,10 +359,11 @@ def test_lean_trainer_computes_trls_loss_and_metrics_without_a_sync_per_micro_ba
     from datasets import load_from_disk
     from trl import SFTTrainer
 
-    from vqatune.collate import AnswerOnlyCollator
-    from vqatune.model import attach_lora, free_model, load_base_model, load_processor, prepare_for_kbit_training
-    from vqatune.sft import LeanSFTTrainer
-    from vqatune.training import build_sft_config
+    from vqatune.training.collate import AnswerOnlyCollator
+    from vqatune.models.loading import free_model, load_base_model, load_processor
+    from vqatune.models.lora import attach_lora
+    from vqatune.models.precision import prepare_for_kbit_training
+    from vqatune.training.trainer import LeanSFTTrainer, build_sft_config
 
     cfg = small_config(lora={"dropout": 0.0})
     processor = load_processor(tiny_model_dir)
@@ -411,7 +413,7 @@ def test_lean_trainer_computes_trls_loss_and_metrics_without_a_sync_per_micro_ba
 def test_compiled_training_does_not_recompile_for_a_new_batch(tiny_model_dir, processed_dir, tmp_path):
     """The precomputed-feature training path with compiled layers (the GPU default) compiles its
     decoder layers in the first steps, then never again, whatever the batch's length: the attention
-    mask reaches the compiled layers without a base to guard on (speed._mask_without_base).
+    mask reaches the compiled layers without a base to guard on (models.compile._mask_without_base).
     ~40 s of compilation on a CPU (where every recompilation happens in the first step)."""
     from torch._dynamo.utils import counters
 
@@ -443,31 +445,31 @@ def _run_key_inputs(tmp_path):
 
 
 def test_run_key_changes_with_the_code_so_another_codes_checkpoint_is_not_resumed(tmp_path, monkeypatch):
-    from vqatune import training
+    from vqatune.training import checkpoints
 
     model, data = _run_key_inputs(tmp_path)
-    cfg = training.TrainConfig()
-    key = training.run_key(cfg, model, data, None)
-    assert training.run_key(cfg, model, data, None) == key  # same code, same inputs: resumable
-    assert len(training.code_signature()) == 12
-    monkeypatch.setattr(training, "code_signature", lambda: "other")
-    assert training.run_key(cfg, model, data, None) != key
+    cfg = TrainConfig()
+    key = checkpoints.run_key(cfg, model, data, None)
+    assert checkpoints.run_key(cfg, model, data, None) == key  # same code, same inputs: resumable
+    assert len(checkpoints.code_signature(checkpoints.TRAINING_ENTRY)) == 12
+    monkeypatch.setattr(checkpoints, "code_signature", lambda entry: "other")
+    assert checkpoints.run_key(cfg, model, data, None) != key
 
 
 def test_run_key_follows_the_data_and_config_but_not_datasets_cache_files(tmp_path):
     """A shuffle's cache file beside the data must not orphan a killed run's checkpoints; a
     changed config or a resized weights file must."""
-    from vqatune import training
+    from vqatune.training.checkpoints import run_key
 
     model, data = _run_key_inputs(tmp_path)
     (model / "model.safetensors").write_bytes(b"\0" * 100)
     (data / "dataset_info.json").write_text('{"fingerprint": "a"}')
-    cfg = training.TrainConfig()
-    key = training.run_key(cfg, model, data, None)
+    cfg = TrainConfig()
+    key = run_key(cfg, model, data, None)
     (data / "cache-0123abcd.arrow").write_bytes(b"indices")
-    assert training.run_key(cfg, model, data, None) == key
+    assert run_key(cfg, model, data, None) == key
     (data / "dataset_info.json").write_text('{"fingerprint": "b"}')
-    changed_data = training.run_key(cfg, model, data, None)
+    changed_data = run_key(cfg, model, data, None)
     assert changed_data != key
     (model / "model.safetensors").write_bytes(b"\0" * 101)
-    assert training.run_key(cfg, model, data, None) != changed_data
+    assert run_key(cfg, model, data, None) != changed_data

@@ -10,7 +10,7 @@ from typing import Optional
 
 PROMPT_MODES = ("none", "static", "adaptive")
 
-# The guide's static prompt, with its example (shared/reference/seed).
+# The guide's static prompt, with its example, word for word.
 STATIC_PROMPT = (
     "You are a leading medical expert in the domain of colonoscopy and analyze medical imagery "
     "with high accuracy, identifying all anomalies and answering questions factually, and "

@@ -4,12 +4,15 @@ folders and the effective params, recorded next to every output (each stage's me
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import platform
+import resource
+import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 LIBRARIES = ("vqatune", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes",
              "datasets", "optuna", "dvc", "dvclive", "gguf")
@@ -78,13 +81,97 @@ def folder_signature(folder: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def code_signature() -> str:
-    """The package's own source (every ``vqatune/*.py``, by content): a checkpoint or a search
-    trial made by other code is never resumed, as the numbers it holds may not be this code's."""
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE = PACKAGE_ROOT.name
+
+
+def _module_file(name: str, root: Path) -> Optional[Path]:
+    """The source file of project module ``name`` (``vqatune.training.run``) under ``root``, or None."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = root.joinpath(*parts[1:])
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(file: Path, module: str) -> set[str]:
+    """Every module ``file`` (the module named ``module``) imports anywhere: at the top or inside a
+    function, which is where the heavy imports live. ``from x import y`` names x and x.y (y may be a
+    submodule)."""
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1])
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            names.add(source)
+            names.update(f"{source}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_closure(entries: Iterable[str | Path], root: Path = PACKAGE_ROOT) -> list[Path]:
+    """The project's source files that ``entries`` can import, directly or through each other.
+
+    ``entries``: module names (``vqatune.training.run``) or script paths (``stages/train.py``).
+    Read from the source (no import runs), imports inside functions included, so a branch that
+    does not run this time (the builtin tiny model, a GPU-only lever) still counts; importing a
+    submodule counts every package ``__init__.py`` above it. Sorted.
+    """
+    todo: list[tuple[Path, str]] = []
+    for entry in entries:
+        if isinstance(entry, Path) or str(entry).endswith(".py"):
+            todo.append((Path(entry), "__main__"))
+        else:
+            file = _module_file(str(entry), root)
+            if file is None:
+                raise ValueError(f"{entry}: no such module under {root}")
+            todo.append((file, str(entry)))
+    seen: dict[Path, str] = {}
+    while todo:
+        file, module = todo.pop()
+        if file in seen:
+            continue
+        seen[file] = module
+        for name in _imported_modules(file, module):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # the packages above a module run first
+                prefix = ".".join(parts[:i])
+                found = _module_file(prefix, root)
+                if found is not None and found not in seen:
+                    todo.append((found, prefix))
+    return sorted(f for f in seen if f.is_relative_to(root))
+
+
+def code_signature(entry: str, root: Path = PACKAGE_ROOT) -> str:
+    """The source of exactly the code module ``entry`` runs (its ``import_closure``, by content):
+    a checkpoint or a search trial made by other code is never resumed, as the numbers it holds may
+    not be this code's. Modules it cannot reach (the CLI, evaluation, export) are not in it."""
     digest = hashlib.sha256()
-    for file in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    for file in import_closure([entry], root):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def peak_memory(device) -> tuple[float, str]:
+    """(GiB, what was measured): the device's peak allocated memory on CUDA, else the process's peak
+    resident memory (model and data included), for a stage's metrics."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max allocated"
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20), "process max RSS (cpu)"
 
 
 def record(*, params: dict[str, Any], inputs: Iterable[str | Path] = (), outputs: Iterable[str | Path] = ()) -> dict:

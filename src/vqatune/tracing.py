@@ -1,10 +1,12 @@
 """What a stage really reads, to check it against what dvc.yaml declares.
 
-With ``VQATUNE_TRACE=<file>`` set, every params field a stage reads (through the typed configs)
-and every file under the working directory it opens for reading (Python-level opens: the audit
-hook does not see files mapped by native code such as safetensors) are appended to ``<file>``
-as one JSON line per process when it exits. The workflow tests run the pipeline this way and
-fail when a stage reads a params key or a file that its dvc.yaml entry does not declare.
+With ``VQATUNE_TRACE=<file>`` set, every params field a stage reads (through the typed configs),
+every file under the working directory it opens for reading (Python-level opens: the audit
+hook does not see files mapped by native code such as safetensors) and every vqatune module it
+imported (as ``src/vqatune/...``, wherever the package was imported from: a compiled ``.pyc``
+is read in place of its source, so opens alone would miss them) are appended to ``<file>`` as
+one JSON line per process when it exits. The workflow tests run the pipeline this way and fail
+when a stage reads a params key, a file or a module that its dvc.yaml entry does not declare.
 Off (and free) unless the variable is set.
 """
 from __future__ import annotations
@@ -63,9 +65,20 @@ def _audit(event: str, args) -> None:
         _files.add(rel.as_posix())
 
 
+def imported_modules() -> list[str]:
+    """The vqatune modules this process imported, as repository paths (``src/vqatune/...``)."""
+    root = Path(__file__).resolve().parent
+    found = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and getattr(module, "__name__", "").split(".")[0] == root.name:
+            found.add((Path("src") / root.name / Path(file).resolve().relative_to(root)).as_posix())
+    return sorted(found)
+
+
 def _dump() -> None:
     files = sorted(f for f in _files if Path(f).is_file())
-    record = {"argv": sys.argv, "params": sorted(_params), "files": files}
+    record = {"argv": sys.argv, "params": sorted(_params), "files": files, "modules": imported_modules()}
     with open(os.environ[ENV], "a") as fh:  # noqa: the audit hook ignores write modes
         fh.write(json.dumps(record) + "\n")
 

@@ -1,5 +1,5 @@
 """Facts about Kvasir-VQA (``SimulaMet-HOST/Kvasir-VQA``) that the synthetic set and the
-metrics share. Source: shared/reference/kvasir-vqa.md (strings exactly as the dataset spells them).
+metrics share, strings exactly as the dataset spells them (its typos included).
 """
 from __future__ import annotations
 

@@ -268,7 +268,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, 
     metrics. ``out_dir`` appears complete or not at all."""
     from transformers import AutoConfig
 
-    from ..model import load_processor
+    from ..models.loading import load_processor
     from .ollama import write_modelfiles
 
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)

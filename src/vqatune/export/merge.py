@@ -19,8 +19,8 @@ from ..config import require
 log = logging.getLogger(__name__)
 
 MERGE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-# The checkpoint layout of google/medgemma-4b-it, the one convert_hf_to_gguf.py maps
-# (shared/reference/gguf-export.md): anything else fails the mmproj conversion.
+# The checkpoint layout of google/medgemma-4b-it, the one llama.cpp's convert_hf_to_gguf.py
+# maps: anything else fails the mmproj conversion.
 ORIGINAL_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
                      "multi_modal_projector.")
 # Files the processor and tokenizer need beside the weights; tokenizer.model is what gives the
@@ -178,8 +178,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     """
     from peft import PeftModel
 
-    from ..model import load_base_model, load_processor, resolve_device
-    from ..tiny_model import save_model_in_original_layout
+    from ..models.loading import load_base_model, load_processor, resolve_device
+    from ..models.tiny import save_model_in_original_layout
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     _check_dirs(base_dir, adapter_dir)

@@ -3,13 +3,11 @@ metrics, and its plots (data files for ``dvc plots`` and PNGs drawn from the sam
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -17,20 +15,6 @@ HISTORY_CSV = "history.csv"
 IMPORTANCES_CSV = "importances.csv"
 HISTORY_PNG = "history.png"
 IMPORTANCES_PNG = "importances.png"
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp sibling and rename it: a killed stage leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def best_params_record(study) -> dict:
@@ -61,7 +45,7 @@ def search_metrics(study, cfg, *, seconds: float, storage_url: str) -> dict:
     """``metrics/tune.json``: best value and trial, trial counts by state, memory, time."""
     from sqlalchemy.engine import make_url
 
-    from .search import trial_counts
+    from .workers import trial_counts
 
     trials = study.get_trials(deepcopy=False)
     best = _best_trial(study)

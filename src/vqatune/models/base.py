@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
 
 # What a model folder needs; pickled *.bin weights are never fetched or copied.
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -31,7 +31,7 @@ def _atomic(out_dir: Path, fill) -> Path:
 def materialise_base_model(cfg: ModelConfig, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if cfg.is_builtin:
-        from .tiny_model import build_tiny_gemma3
+        from .tiny import build_tiny_gemma3
 
         return _atomic(out_dir, lambda tmp: build_tiny_gemma3(tmp, cfg))
     local = Path(cfg.id).expanduser()

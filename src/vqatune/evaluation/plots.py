@@ -7,11 +7,9 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
+from ..prompts import PROMPT_MODES
+from .config import MAJORITY, MODELS
 from .metrics import METRIC_NAMES
-from .prompts import PROMPT_MODES
-
-MODELS = ("base", "tuned")
-MAJORITY = "majority"
 # The headline metrics, in the order the bars appear.
 PLOTTED_METRICS = ("exact_match", "set_f1", "token_f1", "rougeL", "bertscore_f1")
 

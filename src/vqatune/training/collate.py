@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from .prompts import PROMPT_MODES
-from .speed import image_key_tensor, image_prompt_texts
+from ..prompts import PROMPT_MODES
+from ..vision.keys import image_key_tensor, image_prompt_texts
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<end_of_turn>"

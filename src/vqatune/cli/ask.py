@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, ModelConfig, PrepareConfig, load_params, section
-from .prompts import PROMPT_MODES, PromptsConfig, build_messages
+from ..config import ConfigError, ModelConfig, PrepareConfig, load_params, section
+from ..prompts import PROMPT_MODES, PromptsConfig, build_messages
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Question:
 
 def load_image(path: str | Path, size: int, prepare: PrepareConfig):
     """The image as evaluation saw it: RGB, resized like the prepare stage; AskError if not."""
-    from .data.prepare import decode_image
+    from ..data.prepare import decode_image
 
     path = Path(path)
     if not path.is_file():
@@ -110,27 +110,23 @@ def load_model(model_dir: Optional[str], adapter_dir: Optional[str], base_dir: s
                quantization: str = "none", device: Optional[str] = None,
                trust_remote_code: bool = False):
     """(model, processor): a full model folder, or ``base_dir`` with ``adapter_dir`` on top."""
-    from .model import load_base_model, load_processor
+    from ..models.loading import load_base_model, load_processor, load_tuned_model
 
     folder = Path(model_dir if adapter_dir is None else base_dir)
     if not (folder / "config.json").is_file():
         hint = ("run `dvc repro merge` or pass --model" if adapter_dir is None
                 else "run `dvc repro base_model` or pass --base")
         raise AskError(f"model folder {folder} not found (no config.json); {hint}", EXIT_MODEL)
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").is_file():
+    if adapter_dir is None:
+        model = load_base_model(folder, quantization=quantization, device=device,
+                                trust_remote_code=trust_remote_code)
+        return model, load_processor(folder, trust_remote_code=trust_remote_code)
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise AskError(f"adapter folder {adapter_dir} not found (no adapter_config.json); run "
                        "`dvc repro train` or pass --adapter", EXIT_MODEL)
-    model = load_base_model(folder, quantization=quantization, device=device,
+    # Loaded as the evaluate stage loads it: the same numbers.
+    return load_tuned_model(folder, adapter_dir, quantization=quantization, device=device,
                             trust_remote_code=trust_remote_code)
-    processor = load_processor(folder, trust_remote_code=trust_remote_code)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        from .speed import adapters_in_compute_dtype
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-        adapters_in_compute_dtype(model)  # the same numbers the evaluate stage computes
-    return model, processor
 
 
 def image_size(processor) -> int:
@@ -140,7 +136,7 @@ def image_size(processor) -> int:
 
 def answer_questions(model, processor, questions: list[Question], images: list, prompt_mode: str,
                      prompts: PromptsConfig, *, batch_size: int, max_new_tokens: int) -> list[str]:
-    from .generation import generate_answers
+    from ..generation.generate import generate_answers
 
     messages = [build_messages(q.question, prompt_mode, prompts) for q in questions]
     return generate_answers(model, processor, messages, images, batch_size=batch_size,

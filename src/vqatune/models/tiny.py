@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import ModelConfig
-from .prompts import DEFAULT_PROMPTS
-from .data.kvasir import ANSWER_VOCAB, QUESTIONS
+from ..config import ModelConfig
+from ..data.kvasir import ANSWER_VOCAB, QUESTIONS
+from ..prompts import DEFAULT_PROMPTS
 
 # Gemma's specials in Gemma's order where the real vocabulary fixes one (pad 0, eos 1, bos 2,
 # unk 3); the turn and image markers follow; <image_soft_token> comes last, as in the real one.
@@ -243,7 +243,7 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
 # transformers 5 saves Gemma 3 with its runtime names; llama.cpp's converter (and
 # google/medgemma-4b-it itself) use the original checkpoint layout. Both load in transformers.
 # transformers 5.17 already writes `language_model.model.*` but `vision_tower.embeddings.*`
-# (no `vision_model.`), on which the mmproj conversion fails (shared/reference/gguf-export.md).
+# (no `vision_model.`), on which llama.cpp's mmproj conversion fails.
 _ORIGINAL_PREFIXES = [
     ("model.language_model.", "language_model.model."),
     ("model.vision_tower.vision_model.", "vision_tower.vision_model."),

@@ -3,7 +3,7 @@
 Kvasir-VQA answers are short templated strings (``yes``, ``<5mm``, ``pink; red``), so the primary
 scores are normalised exact match and set matching on ``;``-separated lists; token F1, ROUGE-L and
 BERTScore are reported next to them for comparability with the ImageCLEF/x1 literature
-(shared/reference/kvasir-vqa.md, section 4).
+(the Kvasir-VQA / ImageCLEFmed-MEDVQA-GI evaluations report these).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from .config import ConfigError
-from .data.kvasir import ANSWER_TYPOS
+from ..config import ConfigError
+from ..data.kvasir import ANSWER_TYPOS
 
 # Punctuation that carries meaning in Kvasir answers and must survive normalisation:
 # `<5mm` vs `5mm` vs `>20mm`, `5-10mm`, `z-line`, `upper-left`, and `;` between list items.

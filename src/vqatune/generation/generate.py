@@ -74,7 +74,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     the left, and each answer is the decoded tokens after its prompt, stripped.
 
     ``image_keys`` (one per row, e.g. the dataset's ``img_id``; equal keys = the same image) has
-    each distinct image processed once, into ``pixel_cache`` (a ``speed.ImagePixelCache``; pass
+    each distinct image processed once, into ``pixel_cache`` (a ``vision.pixel_cache.ImagePixelCache``; pass
     the same one to several calls over the same images, e.g. evaluation's six configurations);
     the inputs, hence the answers, are the same as without. ``images`` is then read only for
     images not in the cache yet.
@@ -110,7 +110,8 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     sync = torch.cuda.synchronize if device.type == "cuda" and stats is not None else (lambda: None)
     timing = dict.fromkeys(("encode_wait_s", "transfer_s", "generate_s", "decode_s"), 0.0)
 
-    from .speed import BatchEncoder, ImagePixelCache
+    from ..vision.pixel_cache import ImagePixelCache
+    from .encoder import BatchEncoder
 
     if image_keys is not None and pixel_cache is None:
         pixel_cache = ImagePixelCache()
@@ -122,7 +123,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     try:
         with _left_padding(tokenizer):
             # The next batch is encoded on CPU threads while the GPU generates this one
-            # (vqatune.speed.BatchEncoder); the inputs are unchanged. Pixels are stored in the
+            # (generation.encoder.BatchEncoder); the inputs are unchanged. Pixels are stored in the
             # dtype the model takes them in (the cast below is then a no-op).
             encoder = BatchEncoder(processor, texts, images, threads=min(batch_size, len(texts)),
                                    image_keys=image_keys,

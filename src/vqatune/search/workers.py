@@ -154,7 +154,7 @@ def _claimed(objective: Callable, target: int) -> Callable:
     """
     import optuna
 
-    from .training import TrainingInterrupted
+    from ..training.run import TrainingInterrupted
 
     def run(trial):
         trial.set_user_attr("worker", _owner())

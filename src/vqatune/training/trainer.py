@@ -18,11 +18,23 @@ sequence parallelism, ``return_outputs``, which evaluation uses) goes to TRL unc
 
 The logged entropy and accuracy are token-weighted over the logging window (sum over tokens /
 tokens), where TRL averages the per-micro-batch ratios: the same on equal micro-batches.
+
+Logits on answer positions only are TRL's already: SFTTrainer (>= 1.x) scores only positions with
+a label, in tiles (``add_fused_lm_head``); benchmarks/proto_levers.py measured its effect (Gemma 3's
+262,208-row head, ~3 answer tokens per ~290-token example).
+
+``build_sft_config`` turns `train:` into the trainer's arguments.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from trl import SFTTrainer
+
+from . import distributed
+from .config import TrainConfig
+
 
 class LeanSFTTrainer(SFTTrainer):
     """SFTTrainer whose per-micro-batch metrics cost no host or cross-process synchronisation."""
@@ -70,3 +82,75 @@ class LeanSFTTrainer(SFTTrainer):
                 self._total_train_tokens += int(tokens) // self._tp_size
                 self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         super().log(logs, start_time)
+
+
+def resolved_precision(cfg: TrainConfig, device: str) -> tuple[str, str]:
+    import torch
+
+    compute = cfg.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.startswith("cuda") else "float32"
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return compute, precision
+
+
+def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_start: bool, device: str):
+    from trl import SFTConfig
+
+    processes = distributed.world_size()
+    batch, accumulation = distributed.split_global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                                         processes)
+    return SFTConfig(
+        output_dir=str(run_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=max(1, -(-cfg.eval_batch_size // processes)),
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        eval_on_start=eval_on_start,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        load_best_model_at_end=cfg.load_best_model_at_end,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Our collator reads the image and messages columns and builds the labels itself.
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=device.startswith("cuda"),
+        # Workers live across epochs: a new epoch otherwise forks N new workers from a process
+        # that holds the model, and every GPU waits for their first batches.
+        dataloader_persistent_workers=cfg.dataloader_num_workers > 0,
+        # Several CPU processes (tests, GPU-less machines) talk over gloo: accelerate's multi-CPU
+        # mode needs use_cpu. Every trainable weight gets a gradient each step (the image-feature
+        # cache refuses adapters on the vision tower), so DDP skips its search for unused ones.
+        use_cpu=not device.startswith("cuda"),
+        ddp_find_unused_parameters=False,
+        # No buffer of the model changes in training (LoRA trains parameters only), so DDP need not
+        # broadcast them from rank 0 before every forward.
+        ddp_broadcast_buffers=False,
+        # The filter tests every micro-batch's loss for NaN on the host (a GPU sync each time) to
+        # hide it from the logged average; a NaN loss is logged as NaN instead.
+        logging_nan_inf_filter=False,
+        report_to="none",
+        disable_tqdm=False,
+    )

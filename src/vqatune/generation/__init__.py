@@ -1,0 +1,1 @@
+"""Answering questions about images: batched greedy generation and its input encoder."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: `train:` config, collation, the trainer, a run with its checkpoints, and DDP."""
