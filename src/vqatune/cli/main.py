@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print library versions and the device")
     info.set_defaults(func=_info)
     from .ask import add_parser as add_ask
+    from .profile import add_parser as add_profile
 
     add_ask(sub)
+    add_profile(sub)
     return parser
 
 

@@ -3,7 +3,7 @@ mode, and the majority-answer baseline) and `evaluate:` of params.yaml."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ..config import require
 from .metrics import BERTSCORE_PACKAGED
@@ -20,8 +20,11 @@ def configuration_name(model: str, mode: str) -> str:
 class EvaluateConfig:
     """`evaluate:` — how the six configurations are generated and scored."""
 
-    # Rows per generate call. Larger is faster until memory runs out (H100, MedGemma nf4: 64).
-    batch_size: int = 16
+    # Rows per generate call. Larger is faster until memory runs out. auto: as many as fit the GPU
+    # memory (max_memory_gib, else the card's), measured on the longest prompts (evaluation.batching).
+    batch_size: Union[int, Literal["auto"]] = 16
+    # The memory budget auto fills, in GiB (null: the whole card). 15 keeps a 16 GB card safe.
+    max_memory_gib: Optional[float] = None
     # The guide's finding: 25 tokens score like 100 and run >3x faster; Kvasir answers are short.
     max_new_tokens: int = 25
     # null: the whole test split; a number: that many test rows drawn with `seed` (quick runs).
@@ -61,7 +64,10 @@ class EvaluateConfig:
     bertscore_batch_size: int = 64
 
     def validate(self, p: str) -> None:
-        require(self.batch_size >= 1, f"{p}.batch_size", "must be at least 1")
+        require(self.batch_size == "auto" or self.batch_size >= 1, f"{p}.batch_size",
+                "must be auto or at least 1")
+        require(self.max_memory_gib is None or self.max_memory_gib > 0, f"{p}.max_memory_gib",
+                "must be null (the whole card) or a positive number of GiB")
         require(self.max_new_tokens >= 1, f"{p}.max_new_tokens", "must be at least 1 (the guide uses 25)")
         require(self.subset_size is None or self.subset_size >= 1, f"{p}.subset_size",
                 "must be null (whole test split) or at least 1")

@@ -19,6 +19,7 @@ from typing import Optional
 from ..generation.generate import generate_answers
 from ..prompts import PROMPT_MODES
 from ..provenance import peak_memory
+from .batching import resolve_batch_size
 from .config import MAJORITY, MODELS, EvaluateConfig, configuration_name
 from .metrics import majority_predictions, make_bertscore, mean_scores, mean_scores_by, score_answers
 
@@ -123,6 +124,17 @@ def evaluate_models(base_dir: str | Path, adapter_dir: str | Path, data_dir: str
         return _evaluate(base_dir, adapter_dir, data_dir, cfg, trust_remote_code, progress)
 
 
+def _longest_prompts_probe(model, processor, test, images, cfg: EvaluateConfig):
+    """probe(n): the tuned model answers the n test rows with the longest (adaptive) prompts."""
+    def probe(n: int) -> None:
+        messages = [prompt_messages(m) for m in test["messages_adaptive"]]
+        longest = sorted(range(len(messages)), key=lambda i: -len(str(messages[i])))[:n]
+        generate_answers(model, processor, [messages[i] for i in longest], [images[i] for i in longest],
+                         batch_size=len(longest), max_new_tokens=cfg.max_new_tokens,
+                         cache_implementation=cfg.cache_implementation)
+    return probe
+
+
 def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote_code: bool,
               progress: bool) -> EvaluationReport:
     import torch
@@ -154,6 +166,10 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     bertscore = make_bertscore(cfg.bertscore_model, cfg.bertscore_layers, cfg.bertscore_rescale,
                                cfg.bertscore_batch_size, device=str(device))
 
+    batch_size, batch_info = resolve_batch_size(
+        cfg.batch_size, device.type, _longest_prompts_probe(model, processor, test, images, cfg),
+        max_memory_gib=cfg.max_memory_gib)
+
     meta = test.select_columns(["img_id", "question", "category", "answer"]).to_list()
     scores: dict = {m: {} for m in MODELS}
     by_category: dict = {m: {} for m in MODELS}
@@ -179,7 +195,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
             adapter = model.disable_adapter() if model_name == "base" else contextlib.nullcontext()
             with adapter:
                 answers = generate_answers(model, processor, messages, images,
-                                           batch_size=cfg.batch_size,
+                                           batch_size=batch_size,
                                            max_new_tokens=cfg.max_new_tokens, progress=progress,
                                            image_keys=image_keys, pixel_cache=pixel_cache,
                                            cache_implementation=cfg.cache_implementation, stats=timing)
@@ -205,7 +221,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
     peak, measure = peak_memory(device)
     scores["generation"] = {
         "device": device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": batch_size, **batch_info, "max_new_tokens": cfg.max_new_tokens,
         "quantization": cfg.quantization, "dtype": str(model.dtype).removeprefix("torch."),
         "examples": total_examples, "seconds": round(total_seconds, 2),
         "examples_per_s": round(total_examples / total_seconds, 3) if total_seconds else None,
