@@ -30,15 +30,38 @@ def _undecoded(ds, image_column: str):
 
 def load_hub(cfg: PrepareConfig, trust_remote_code: bool = False):
     import datasets
+    from huggingface_hub import constants
 
     try:
-        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+        if constants.HF_HUB_OFFLINE:
+            ds = _load_cached_hub_parquet(cfg)
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
     except (FileNotFoundError, ConnectionError, OSError) as err:
         raise ConfigError(f"prepare.path: could not load hub dataset '{cfg.path}' ({type(err).__name__}); "
                           f"check the id, your network, or use prepare.source: parquet with local files") from err
     if isinstance(ds, datasets.DatasetDict):
         return datasets.DatasetDict({k: _undecoded(v, cfg.image_column) for k, v in ds.items()})
     return _undecoded(ds, cfg.image_column)
+
+
+def _load_cached_hub_parquet(cfg: PrepareConfig):
+    """Offline (HF_HUB_OFFLINE=1): the dataset's parquet shards from the hub cache.
+
+    ``datasets`` offline only finds datasets it prepared itself before; an air-gapped machine is
+    more often given a copy of the hub cache (``~/.cache/huggingface/hub``). Kvasir-VQA is parquet
+    on the hub (``data/<split>-NNNNN-of-NNNNN.parquet``), so its shards for ``prepare.split`` are
+    read as the parquet source reads them.
+    """
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(cfg.path, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"]))
+    shards = sorted(str(p) for p in folder.glob("**/*.parquet")
+                    if p.name.startswith(f"{cfg.split}-") or p.parent.name == cfg.split)
+    if not shards:
+        raise FileNotFoundError(f"no '{cfg.split}' parquet shards in the cached {cfg.path} ({folder})")
+    return datasets.load_dataset("parquet", data_files=shards, split="train")
 
 
 def load_parquet(cfg: PrepareConfig):

@@ -28,6 +28,13 @@ def _atomic(out_dir: Path, fill) -> Path:
     return out_dir
 
 
+def copy_files(folder: Path, tmp: Path) -> None:
+    """The model files of ``folder`` (never pickled weights), following the hub cache's links."""
+    for pattern in MODEL_FILES:
+        for f in folder.glob(pattern):
+            shutil.copy2(f, tmp / f.name)
+
+
 def materialise_base_model(cfg: ModelConfig, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     if cfg.is_builtin:
@@ -36,21 +43,23 @@ def materialise_base_model(cfg: ModelConfig, out_dir: str | Path) -> Path:
         return _atomic(out_dir, lambda tmp: build_tiny_gemma3(tmp, cfg))
     local = Path(cfg.id).expanduser()
     if local.is_dir():
-        def copy(tmp: Path) -> None:
-            for pattern in MODEL_FILES:
-                for f in local.glob(pattern):
-                    shutil.copy2(f, tmp / f.name)
-        return _atomic(out_dir, copy)
+        return _atomic(out_dir, lambda tmp: copy_files(local, tmp))
     if local.exists() or cfg.id.startswith((".", "/", "~")):
         raise ConfigError(f"model.id: '{cfg.id}' is not a model folder; give a folder, a hub id or "
                           f"builtin-tiny-gemma3")
 
     def download(tmp: Path) -> None:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
         try:
-            snapshot_download(cfg.id, revision=cfg.revision, local_dir=str(tmp),
-                              allow_patterns=MODEL_FILES)
+            if constants.HF_HUB_OFFLINE:
+                # Offline (HF_HUB_OFFLINE=1, e.g. an air-gapped machine given a copy of the hub
+                # cache): only the shared cache can answer, never a local_dir download.
+                copy_files(Path(snapshot_download(cfg.id, revision=cfg.revision,
+                                                  allow_patterns=MODEL_FILES)), tmp)
+            else:
+                snapshot_download(cfg.id, revision=cfg.revision, local_dir=str(tmp),
+                                  allow_patterns=MODEL_FILES)
         except Exception as err:  # hub errors come in many types; the fix is the same
             raise ConfigError(f"model.id: could not download '{cfg.id}' from the hub "
                               f"({type(err).__name__}: {err}); check the id, `hf auth login` and "
