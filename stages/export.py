@@ -17,6 +17,7 @@ import time
 
 from vqatune.config import ConfigError, load_params, section
 from vqatune.export.converter import ConverterError
+from vqatune.export.agreement import NOT_IMPORTABLE, llama_cpp_python, not_measured
 from vqatune.export.gguf import ExportConfig, ExportError, export_gguf
 from vqatune.outputs import write_metrics
 from vqatune.prompts import PromptsConfig
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stats["seconds"] = round(time.perf_counter() - start, 1)
     stats["provenance"] = record(params={"export": cfg, "prompts.static": prompts.static}, inputs=[args.merged])
+    # GGUF vs evaluated answers: this stage reads neither evaluation's predictions nor the test
+    # images, so it records why the rate is not here; tests/test_export.py measures it.
+    stats.update(not_measured(NOT_IMPORTABLE if llama_cpp_python() is None else
+                              "measured by tests/test_export.py::test_gguf_answers_like_the_evaluated_model"))
     write_metrics(args.metrics, stats)
     diff = stats.get("text_max_abs_logit_diff")
     print(f"export: {args.out}/{cfg.name}.gguf ({cfg.outtype}, {stats['text_tensors']} tensors) + "

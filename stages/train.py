@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, as_dict, load_params, section
+from vqatune.models.metadata import write_training_metadata
 from vqatune.outputs import write_metrics
 from vqatune.provenance import environment, record
 from vqatune.training import distributed
@@ -38,6 +39,8 @@ def _write_card(adapter_dir: Path, model_cfg, train_cfg, metrics, source, partia
                       metrics=metrics, environment=environment(), hyperparameter_source=source,
                       partial=partial)
     (adapter_dir / "README.md").write_text(card)
+    # How the adapter was trained, for `vqatune ask`'s default prompt mode (merge copies it on).
+    write_training_metadata(adapter_dir, prompt_mode=train_cfg.prompt_mode)
 
 
 def main(argv: list[str] | None = None) -> int:

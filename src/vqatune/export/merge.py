@@ -179,6 +179,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     from peft import PeftModel
 
     from ..models.loading import load_base_model, load_processor, resolve_device
+    from ..models.metadata import copy_training_metadata
     from ..models.tiny import save_model_in_original_layout
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
@@ -221,6 +222,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     processor.save_pretrained(staging)
     write_added_tokens_decoder(processor.tokenizer, staging)
     _copy_tokenizer_files(base_dir, staging)
+    copy_training_metadata(adapter_dir, staging)   # the trained prompt mode, for ask and export
     problems = layout_problems(staging)
     if problems:
         raise MergeError(f"merged tensor {problems[0]!r} (and {len(problems) - 1} more) is not in the "
