@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .ask import add_parser as add_ask
 
     add_ask(sub)
+    from .serve import add_parser as add_serve
+
+    add_serve(sub)
     return parser
 
 
