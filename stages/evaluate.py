@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
 from vqatune.evaluation.config import EvaluateConfig
+from vqatune.evaluation.gallery import write_error_gallery
 from vqatune.evaluation.plots import plot_by_category, plot_configurations, write_plot_data
 from vqatune.evaluation.run import evaluate_models, write_predictions
 from vqatune.outputs import write_metrics
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     write_plot_data(report.scores, report.by_category, plots)
     plot_configurations(report.scores, plots / "configurations.png")
     plot_by_category(report.by_category, plots / "by_category.png")
+    write_error_gallery(report.predictions, report.scores, args.data, plots / "errors")
     write_metrics(args.by_category, report.by_category)
     provenance = record(params={"evaluate": cfg, "model.trust_remote_code": trust},
                         inputs=[args.base, args.adapter, args.data])

@@ -22,9 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     from .ask import add_parser as add_ask
     from .profile import add_parser as add_profile
+    from .serve import add_parser as add_serve
 
     add_ask(sub)
     add_profile(sub)
+    add_serve(sub)
     return parser
 
 
