@@ -1,0 +1,151 @@
+"""Faults and bad input: a process killed anywhere, a corrupt file, a bad config, a hostile path,
+a full disk. Each test injects the fault and asserts what survives (everything that was complete)
+and how the failure is reported (one line, naming the key or the path). docs/reliability.md lists
+them with what is not covered yet."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqatune.training.checkpoints import checkpoint_problem, last_complete_checkpoint
+from vqatune.training.run import run_training
+
+pytestmark = pytest.mark.faults
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+# Small enough for 2 CPU cores: 5 steps, a checkpoint every 2.
+TRAIN = {"max_steps": 5, "batch_size": 4, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
+         "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_rows": 8, "warmup": 0.0,
+         "early_stopping_patience": 0, "save_total_limit": 5}
+
+
+def train_config():
+    from vqatune.config import load_params, section
+    from vqatune.training.config import TrainConfig, apply_overrides
+
+    return apply_overrides(section(load_params(REPO / "params.yaml"), "train", TrainConfig), TRAIN)
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def child_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra)
+    return env
+
+
+# --------------------------------------------------------------------------------------
+# 1. A kill while a checkpoint is written; corrupt checkpoint files
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model_dir, processed_dir, tmp_path_factory):
+    """An uninterrupted 5-step run: its adapter and its checkpoints 2, 4 and 5 (the end)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    result = run_training(train_config(), tiny_model_dir, processed_dir, tmp / "adapter",
+                          checkpoint_dir=tmp / "ckpt")
+    run_dir = Path(result.checkpoint_dir)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    return result, tmp / "adapter", run_dir
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """Checkpoints 2 and 4 of the whole run (the last, 5, left out: 4 is the newest)."""
+    return shutil.copytree(run_dir, dest, ignore=lambda _, names: [n for n in names if n == "checkpoint-5"])
+
+
+CHILD = """
+import sys
+from vqatune.config import load_params, section
+from vqatune.training.config import TrainConfig, apply_overrides
+from vqatune.training.run import run_training
+import json
+cfg = apply_overrides(section(load_params(sys.argv[1]), "train", TrainConfig), json.loads(sys.argv[2]))
+run_training(cfg, sys.argv[3], sys.argv[4], sys.argv[5], checkpoint_dir=sys.argv[6])
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(
+        whole_run, tiny_model_dir, processed_dir, tmp_path, caplog):
+    whole, whole_adapter, _ = whole_run
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO / "params.yaml"), json.dumps(TRAIN), str(tiny_model_dir),
+         str(processed_dir), str(tmp_path / "killed"), str(ckpt)],
+        env=child_env(VQATUNE_FAULT="checkpoint-write:4"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    (run_dir,) = ckpt.iterdir()
+    torn = run_dir / "checkpoint-4" / "trainer_state.json"
+    assert torn.exists() and torn.stat().st_size > 0
+    with pytest.raises(ValueError):
+        json.loads(torn.read_text())            # the old check (the file exists) would resume this
+    assert not (tmp_path / "killed").exists()  # no adapter claimed done
+
+    with caplog.at_level(logging.WARNING, logger="vqatune.training.checkpoints"):
+        resumed = run_training(train_config(), tiny_model_dir, processed_dir, tmp_path / "resumed",
+                               checkpoint_dir=ckpt)
+    lines = [r.getMessage() for r in caplog.records if "incomplete or corrupt" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint-4" in lines[0] and "resuming from checkpoint-2" in lines[0], lines
+    assert resumed.resumed and resumed.resumed_from_step == 2 and resumed.steps == whole.steps == 5
+    a, b = adapter_tensors(whole_adapter), adapter_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(max(64, path.stat().st_size // 4)))
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("file", ["trainer_state.json", "adapter_model.safetensors", "optimizer.pt",
+                                  "scheduler.pt", "rng_state.pth"])
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _delete], ids=["truncated", "garbage", "missing"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(whole_run, tmp_path, caplog, file, damage):
+    _, _, run_dir = whole_run
+    copy = copy_run(run_dir, tmp_path / "run")
+    assert checkpoint_problem(copy / "checkpoint-4") is None
+    if damage is _delete and file in ("scheduler.pt", "rng_state.pth"):
+        pytest.skip("the trainer resumes without them (it warns)")
+    damage(copy / "checkpoint-4" / file)
+    assert checkpoint_problem(copy / "checkpoint-4") is not None
+    with caplog.at_level(logging.WARNING, logger="vqatune.training.checkpoints"):
+        assert last_complete_checkpoint(copy, discard=True) == copy / "checkpoint-2"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "checkpoint-4" in line and file.split("_")[0].split(".")[0] in line and "resuming from checkpoint-2" in line
+    assert not (copy / "checkpoint-4").exists()  # deleted: rotation and the next resume never see it
+    assert (copy / "checkpoint-2" / "optimizer.pt").exists()
+
+
+def test_every_checkpoint_corrupt_starts_over_and_says_so(whole_run, tmp_path, caplog):
+    _, _, run_dir = whole_run
+    copy = copy_run(run_dir, tmp_path / "run")
+    _truncate(copy / "checkpoint-4" / "adapter_model.safetensors")
+    (copy / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')
+    with caplog.at_level(logging.WARNING, logger="vqatune.training.checkpoints"):
+        assert last_complete_checkpoint(copy) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("starting over" in line for line in lines), lines
