@@ -149,3 +149,110 @@ def test_every_checkpoint_corrupt_starts_over_and_says_so(whole_run, tmp_path, c
         assert last_complete_checkpoint(copy) is None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("starting over" in line for line in lines), lines
+
+
+# --------------------------------------------------------------------------------------
+# 2. Bad configuration: one line naming the key (or the file and line), exit code 2
+# --------------------------------------------------------------------------------------
+
+STAGE_NAMES = ["base_model", "prepare", "tune", "train", "evaluate", "merge", "export"]
+
+
+def good_params() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(dotted: str, value) -> dict:
+    params = good_params()
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return params
+
+
+def run_stage(name: str, params_file: Path, capsys, tmp_path: Path) -> tuple[int, list[str]]:
+    from conftest_stages import load_stage
+
+    argv = ["--params", str(params_file)]
+    if name == "prepare":  # never write the repo's data/
+        argv += ["--out", str(tmp_path / "processed"), "--metrics", str(tmp_path / "prepare.json")]
+    code = load_stage(name).main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+MALFORMED = [
+    ("unclosed", "model:\n  id: builtin-tiny-gemma3\ntrain:\n  batch_size: [4, 8\n  epochs: 1\n", 5),
+    ("tab", "model:\n\tid: x\n", 2),
+    ("bad-indent", "train:\n  batch_size: 4\n epochs: 1\n", 3),
+]
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+@pytest.mark.parametrize("case, text, line", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_params_yaml_is_one_line_naming_file_and_line(stage, case, text, line, tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text)
+    code, err = run_stage(stage, bad, capsys, tmp_path)
+    assert code == 2 and len(err) == 1, err
+    assert f"{bad}:{line}:" in err[0] and "malformed YAML" in err[0] and "Traceback" not in err[0]
+
+
+def test_params_that_are_not_utf8_are_a_config_error(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(b"model:\n  id: caf\xe9\n")
+    code, err = run_stage("base_model", bad, capsys, tmp_path)
+    assert code == 2 and len(err) == 1 and "not UTF-8" in err[0] and str(bad) in err[0], err
+
+
+BAD_VALUES = [  # (stage that reads it, key, value, what the line must say)
+    ("train", "train.batch_size", 0, r"train\.batch_size: must be a positive integer"),
+    ("train", "train.batch_size", "four", r"train\.batch_size: expected an integer"),
+    ("train", "train.learning_rate", -1e-4, r"train\.learning_rate: must be positive"),
+    ("train", "train.max_steps", 0, r"train\.max_steps: must be -1"),
+    ("train", "train.prompt_mode", "fancy", r"train\.prompt_mode: 'fancy' is not allowed"),
+    ("train", "train.lora.r", 0, r"train\.lora\.r: must be a positive integer"),
+    ("train", "train.bach_size", 4, r"train\.bach_size: unknown key"),
+    ("tune", "tune.n_trials", 0, r"tune\.n_trials: must be at least 1"),
+    ("tune", "tune.n_trials", -3, r"tune\.n_trials: must be at least 1"),
+    ("evaluate", "evaluate.max_new_tokens", 0, r"evaluate\.max_new_tokens: must be at least 1"),
+    ("base_model", "model.tiny_layers", 0, r"model\.tiny_layers: must be at least 1"),
+    ("base_model", "model.tiny_hidden_size", -64, r"model\.tiny_hidden_size: must be a multiple of 16"),
+    ("base_model", "model.tiny_image_size", 0, r"model\.tiny_image_size"),
+    ("prepare", "prepare.image_size", 0, r"prepare\.image_size: must be at least 16"),
+    ("prepare", "prepare.max_image_pixels", -1, r"prepare\.max_image_pixels: must be positive"),
+    ("prepare", "prepare.synthetic_images", "many", r"prepare\.synthetic_images: expected an integer"),
+    ("merge", "merge.verify_rtol", 0, r"merge\.verify_rtol: must be a positive number"),
+    ("export", "export.name", "Bad Name!", r"export\.name"),
+    ("train", "train", [1, 2], r"train: expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("stage, key, value, message", BAD_VALUES,
+                         ids=[f"{k}={v!r}" for _, k, v, _ in BAD_VALUES])
+def test_a_bad_value_stops_the_stage_with_one_line_naming_the_key(stage, key, value, message, tmp_path, capsys):
+    import re
+
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(with_value(key, value)))
+    code, err = run_stage(stage, params, capsys, tmp_path)
+    assert code == 2 and len(err) == 1, err
+    assert re.search(message, err[0]), err[0]
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "parquet"])
+def test_a_missing_local_dataset_path_is_named_before_any_work(source, tmp_path, capsys):
+    import yaml
+
+    params = with_value("prepare.source", source)
+    params["prepare"]["path"] = str(tmp_path / "nowhere")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_stage("prepare", tmp_path / "params.yaml", capsys, tmp_path)
+    assert code == 2 and len(err) == 1 and "prepare.path" in err[0] and "nowhere" in err[0], err
+    assert not (tmp_path / "processed").exists() and not (tmp_path / "prepare.json").exists()
