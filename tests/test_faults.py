@@ -256,3 +256,146 @@ def test_a_missing_local_dataset_path_is_named_before_any_work(source, tmp_path,
     code, err = run_stage("prepare", tmp_path / "params.yaml", capsys, tmp_path)
     assert code == 2 and len(err) == 1 and "prepare.path" in err[0] and "nowhere" in err[0], err
     assert not (tmp_path / "processed").exists() and not (tmp_path / "prepare.json").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 3. Paths that leave the dataset or batch folder: `..`, absolute, a symlink leading out
+# --------------------------------------------------------------------------------------
+
+def _png(path: Path, shape=(40, 48, 3), seed=0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_imagefolder_refuses_paths_leaving_the_folder_and_counts_them(tmp_path):
+    from vqatune.config import PrepareConfig
+    from vqatune.data.prepare import prepare_dataset
+    from vqatune.prompts import PromptsConfig
+
+    folder, outside = tmp_path / "ds", tmp_path / "secret"
+    folder.mkdir(), outside.mkdir()
+    secret = _png(outside / "secret.png")
+    for i in range(6):
+        _png(folder / f"ok{i}.png", seed=i)
+    (folder / "link_out.png").symlink_to(secret)                  # a symlink leading out
+    (folder / "link_in.png").symlink_to(folder / "ok0.png")       # a symlink staying inside: fine
+    names = [f"ok{i}.png" for i in range(6)] + ["link_in.png", "../secret/secret.png", str(secret),
+                                                 str(folder / "ok1.png"), "link_out.png"]
+    lines = ["file_name,question,answer,img_id"] + [f"{n},How many polyps?,{i},img{i}" for i, n in enumerate(names)]
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(source="imagefolder", path=str(folder), test_size=0.3)
+    stats = prepare_dataset(cfg, PromptsConfig(), tmp_path / "out")
+    # `..`, the absolute path outside, the absolute path inside (metadata paths are relative) and the link out.
+    assert stats["dropped"]["unsafe_path"] == 4, stats["dropped"]
+    assert stats["rows_in"] == 11 and sum(stats["rows_out"].values()) == 7
+
+
+@pytest.fixture(scope="module")
+def ask_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ask")
+    _png(folder / "a.png")
+    return folder
+
+
+def ask(capsys, model_dir, *args, params=None) -> tuple[int, str, str]:
+    from vqatune.cli.main import main
+
+    code = main(["ask", "--params", str(params or REPO / "params.yaml"), "--model", str(model_dir),
+                 "--max-new-tokens", "3", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ask_batch_refuses_image_paths_leaving_its_folder(ask_dir, tiny_model_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_ROWS
+
+    batch_dir, outside = tmp_path / "batch", tmp_path / "outside"
+    batch_dir.mkdir(), outside.mkdir()
+    secret = _png(outside / "secret.png")
+    shutil.copy(ask_dir / "a.png", batch_dir / "a.png")
+    (batch_dir / "link_out.png").symlink_to(secret)
+    (batch_dir / "link_in.png").symlink_to(batch_dir / "a.png")
+    rows = [("ok", "a.png"), ("dotdot", "../outside/secret.png"), ("absolute", str(secret)),
+            ("link_out", "link_out.png"), ("link_in", "link_in.png")]
+    (batch_dir / "q.jsonl").write_text("".join(json.dumps({"id": i, "image": p, "question": "How many polyps?"})
+                                               + "\n" for i, p in rows))
+    code, out, err = ask(capsys, tiny_model_dir, "--batch", str(batch_dir / "q.jsonl"))
+    got = {r["id"]: r for r in map(json.loads, out.splitlines())}
+    assert code == EXIT_ROWS and "2 of 5 rows answered, 3 with an error" in err, err
+    for refused in ("dotdot", "absolute", "link_out"):
+        assert got[refused]["answer"] is None and "leaves the batch file's folder" in got[refused]["error"]
+    assert got["ok"]["error"] is None and got["link_in"]["error"] is None
+    assert got["ok"]["answer"] == got["link_in"]["answer"]
+
+
+# --------------------------------------------------------------------------------------
+# 4. Bad input to `vqatune ask`: a clear one-line error (single) or a row error (batch)
+# --------------------------------------------------------------------------------------
+
+BAD_QUESTIONS = [
+    ("whitespace", " \t\n ", "the question is empty"),
+    ("100k characters", "How many polyps? " * 6000, "at most 2000 are accepted"),
+    ("NUL", "How many\x00 polyps?", "control character '\\x00'"),
+    ("escape sequence", "How many \x1b[2J polyps?", "control character '\\x1b'"),
+]
+
+
+@pytest.mark.parametrize("case, question, message", BAD_QUESTIONS, ids=[b[0] for b in BAD_QUESTIONS])
+def test_a_bad_question_is_one_line_with_its_exit_code(case, question, message, ask_dir, tiny_model_dir, capsys):
+    from vqatune.cli.ask import EXIT_QUESTION
+
+    code, out, err = ask(capsys, tiny_model_dir, "--image", str(ask_dir / "a.png"), "--question", question)
+    assert code == EXIT_QUESTION and out == "" and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_images_are_one_line_errors(ask_dir, tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from vqatune.cli.ask import EXIT_IMAGE
+
+    (tmp_path / "notes.png").write_text("these are my notes, not an image\n")
+    code, out, err = ask(capsys, tiny_model_dir, "--image", str(tmp_path / "notes.png"), "--question", "How many?")
+    assert code == EXIT_IMAGE and out == "" and "cannot be used (undecodable image)" in err and err.count("\n") == 1
+    code, _, err = ask(capsys, tiny_model_dir, "--image", str(tmp_path), "--question", "How many?")
+    assert code == EXIT_IMAGE and "not found" in err and err.count("\n") == 1  # a folder, not a file
+    # A decompression bomb: more pixels than prepare.max_image_pixels (PIL's limit; here lowered
+    # so the bomb is small: a 40x48 image against a 500-pixel limit).
+    params = good_params()
+    params["prepare"]["max_image_pixels"] = 500
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, out, err = ask(capsys, tiny_model_dir, "--image", str(ask_dir / "a.png"), "--question", "How many?",
+                         params=tmp_path / "params.yaml")
+    assert code == EXIT_IMAGE and out == "" and "decompression bomb" in err and err.count("\n") == 1, err
+
+
+def test_a_batch_answers_its_good_rows_around_bad_input(ask_dir, tiny_model_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_ROWS
+
+    shutil.copy(ask_dir / "a.png", tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    rows = [("good1", "a.png", "How many polyps?"), ("blank", "a.png", "   "),
+            ("huge", "a.png", "x" * 100_000), ("ctrl", "a.png", "How\x07 many?"),
+            ("notimage", "notes.png", "How many?"), ("good2", "a.png", "Is there a polyp?")]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"id": i, "image": p, "question": q}) + "\n"
+                                              for i, p, q in rows))
+    code, out, err = ask(capsys, tiny_model_dir, "--batch", str(tmp_path / "q.jsonl"), "--batch-size", "2")
+    got = [json.loads(line) for line in out.splitlines()]
+    assert code == EXIT_ROWS and "2 of 6 rows answered, 4 with an error" in err and "Traceback" not in err
+    assert [r["id"] for r in got] == [r[0] for r in rows]
+    assert [r["answer"] is not None for r in got] == [True, False, False, False, False, True]
+    assert "empty" in got[1]["error"] and "at most 2000" in got[2]["error"]
+    assert "control character" in got[3]["error"] and "undecodable" in got[4]["error"]
+
+
+def test_a_batch_file_that_is_not_utf8_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_BATCH
+
+    (tmp_path / "q.csv").write_bytes(b"image,question\na.png,Combien de polypes \xe0 l'image?\n")
+    code, out, err = ask(capsys, tiny_model_dir, "--batch", str(tmp_path / "q.csv"))
+    assert code == EXIT_BATCH and out == "" and err.count("\n") == 1 and "cannot be read" in err, err
+    assert "utf-8" in err.lower()
