@@ -399,3 +399,76 @@ def test_a_batch_file_that_is_not_utf8_is_one_line(tiny_model_dir, tmp_path, cap
     code, out, err = ask(capsys, tiny_model_dir, "--batch", str(tmp_path / "q.csv"))
     assert code == EXIT_BATCH and out == "" and err.count("\n") == 1 and "cannot be read" in err, err
     assert "utf-8" in err.lower()
+
+
+# --------------------------------------------------------------------------------------
+# 5. A full disk: RLIMIT_FSIZE in the stage's process, SIGXFSZ ignored so writes fail with EFBIG
+# --------------------------------------------------------------------------------------
+
+def run_with_disk_limit(script: str, args: list[str], limit_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=cwd, env=child_env(),
+                          preexec_fn=limit, capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_disk_error(proc, stage: str) -> str:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    import re
+
+    # (progress bars on stderr end without a newline: the line may follow one)
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "\n", proc.stderr)  # cursor moves of progress bars
+    mine = re.findall(rf"(?<![.\w]){stage}: cannot write[^\r\n]*", text)
+    assert len(mine) == 1, proc.stderr[-600:]
+    last = mine[0]
+    assert last.startswith(f"{stage}: cannot write") and "disk full or file-size limit" in last, last
+    return last
+
+
+def test_prepare_on_a_full_disk_fails_in_one_line_and_leaves_no_output(tmp_path):
+    out, metrics = tmp_path / "processed", tmp_path / "prepare.json"
+    proc = run_with_disk_limit("prepare.py", ["--out", str(out), "--metrics", str(metrics), "--params",
+                                              str(REPO / "params.yaml")], 256 * 1024, tmp_path)
+    line = assert_one_line_disk_error(proc, "prepare")
+    assert "File too large" in line and str(out) in line  # names the output it could not write
+    assert not out.exists() and not metrics.exists()           # nothing DVC would take as done
+
+
+def test_train_on_a_full_disk_fails_in_one_line_and_the_rerun_completes(tiny_model_dir, processed_dir, tmp_path):
+    import yaml
+
+    params = good_params()
+    params["train"] = {**params["train"], **TRAIN, "max_steps": 4}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out, metrics, ckpt = tmp_path / "adapter", tmp_path / "train.json", tmp_path / "ckpt"
+    args = ["--model", str(tiny_model_dir), "--data", str(processed_dir), "--best-params",
+            str(tmp_path / "none.json"), "--out", str(out), "--metrics", str(metrics), "--plots",
+            str(tmp_path / "curves"), "--checkpoints", str(ckpt), "--params", str(tmp_path / "params.yaml")]
+    proc = run_with_disk_limit("train.py", args, 16 * 1024, tmp_path)
+    line = assert_one_line_disk_error(proc, "train")
+    assert str(out) in line or str(ckpt) in line, line
+    assert list(ckpt.glob("*/checkpoint-*")), "the limit should hit the first checkpoint"
+    assert not out.exists() and not metrics.exists()
+    # The half-written checkpoint is never resumed: the rerun (disk freed) starts over and finishes.
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), *args], cwd=tmp_path,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "incomplete or corrupt" in proc.stderr and "starting over" in proc.stderr
+    assert json.loads(metrics.read_text())["steps"] == 4 and (out / "adapter_model.safetensors").exists()
+
+
+def test_merge_on_a_full_disk_fails_in_one_line_and_leaves_no_output(tiny_model_dir, tmp_path):
+    from conftest_adapters import make_perturbed_adapter
+
+    adapter = make_perturbed_adapter(tiny_model_dir, tmp_path / "adapter")
+    out, metrics = tmp_path / "merged", tmp_path / "merge.json"
+    proc = run_with_disk_limit("merge.py", ["--base", str(tiny_model_dir), "--adapter", str(adapter), "--out",
+                                            str(out), "--metrics", str(metrics), "--params",
+                                            str(REPO / "params.yaml")], 64 * 1024, tmp_path)
+    assert str(out) in assert_one_line_disk_error(proc, "merge")
+    assert not out.exists() and not metrics.exists()
