@@ -56,4 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vqatune.outputs import exit_on_disk_full
+
+    sys.exit(exit_on_disk_full("export", main, {"--out": "models/gguf"}))

@@ -124,11 +124,16 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tiny_model_dir
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    from safetensors.torch import save_file
+
     for step, complete in ((2, True), (4, False)):
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
-        if complete:
-            (ckpt / "trainer_state.json").write_text("{}")
+        save_file({"w": torch.zeros(2)}, str(ckpt / "adapter_model.safetensors"))
+        torch.save({"state": {}}, ckpt / "optimizer.pt")
+        torch.save({"last_epoch": step}, ckpt / "scheduler.pt")
+        if complete:  # written last: its absence means the save did not finish
+            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert last_complete_checkpoint(tmp_path).name == "checkpoint-2"
     assert last_complete_checkpoint(tmp_path / "none") is None
 

@@ -25,8 +25,17 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} not found; run from the repository root or pass --params")
-    with path.open() as fh:
-        params = yaml.safe_load(fh) or {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            params = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML ({problem}); fix the file (yaml syntax: key: value, "
+                          f"spaces not tabs)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(params).__name__}")
     return params
@@ -157,6 +166,9 @@ class ModelConfig:
         require(self.tiny_image_size % 16 == 0 and self.tiny_image_size >= 32, f"{p}.tiny_image_size",
                 "must be a multiple of 16, at least 32")
         require(self.tiny_vocab_size >= 300, f"{p}.tiny_vocab_size", "must be at least 300")
+        require(self.tiny_hidden_size >= 16 and self.tiny_hidden_size % 16 == 0, f"{p}.tiny_hidden_size",
+                "must be a multiple of 16, at least 16")
+        require(self.tiny_layers >= 1, f"{p}.tiny_layers", "must be at least 1")
 
     @property
     def is_builtin(self) -> bool:
@@ -197,5 +209,6 @@ class PrepareConfig:
         require(self.synthetic_images >= 10, f"{p}.synthetic_images", "must be at least 10")
         require(self.num_proc >= 1, f"{p}.num_proc", "must be at least 1")
         require(self.max_image_pixels > 0, f"{p}.max_image_pixels", "must be positive")
+        require(self.log_first >= 0, f"{p}.log_first", "must be >= 0")
         require(bool(self.path.strip()) or self.source == "synthetic", f"{p}.path",
                 "must name the dataset (hub id, folder or parquet path)")

@@ -6,8 +6,10 @@ midway, or data that cannot be serialised, leaves the previous file (or none) an
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -49,3 +51,51 @@ def write_metrics(path: str | Path, metrics: dict) -> Path:
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
     return write_json(path, metrics)
+
+
+# errno of a full disk, a full quota, and a file over RLIMIT_FSIZE (how the tests fill the disk).
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+# What libraries say when they swallow the OSError (torch's zip writer, arrow).
+DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "file write failed")
+
+
+def disk_full(err: BaseException, writing: str = "a file") -> str | None:
+    """One line for an error that a full disk caused (anywhere in its chain), else None.
+    ``writing``: what to name when the error does not say which file (torch and arrow don't)."""
+    seen, current = set(), err
+    text = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return (f"cannot write {current.filename or writing}: {os.strerror(current.errno)} "
+                    "(disk full or file-size limit)")
+        if text is None and any(t in str(current) for t in DISK_FULL_TEXT):
+            text = str(current).strip().splitlines()[0][:300]
+        current = current.__cause__ or current.__context__
+    return None if text is None else f"cannot write {writing}: {text} (disk full or file-size limit)"
+
+
+def _arg(flag: str, default: str) -> str:
+    argv = sys.argv[1:]
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def exit_on_disk_full(stage: str, main: Callable[[], int], outputs: dict[str, str]) -> int:
+    """Run a stage's ``main``; a full disk becomes one line on stderr and exit code 1 instead of a
+    traceback. ``outputs``: the stage's output flags and their defaults (``{"--out": ...}``), named
+    when the error does not say which file. Every stage writes its outputs to a staging folder
+    renamed into place at the end, so what a failed write leaves is never taken as done by DVC."""
+    try:
+        return main()
+    except Exception as err:  # noqa: BLE001  re-raised unless the disk is full
+        writing = " or ".join(_arg(flag, default) for flag, default in outputs.items())
+        message = disk_full(err, writing)
+        if message is None:
+            raise
+        print(f"{stage}: {message}; nothing was renamed into place; free space and rerun", file=sys.stderr)
+        return 1

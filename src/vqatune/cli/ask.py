@@ -60,10 +60,22 @@ def load_image(path: str | Path, size: int, prepare: PrepareConfig):
     return image
 
 
+# Kvasir-VQA's questions are under 100 characters; a longer text is a pasted file, not a question
+# (and 100k characters would not fit the model's context with the image).
+MAX_QUESTION_CHARS = 2000
+
+
 def check_question(question: Optional[str], hint: str = "") -> str:
     if question is None or not question.strip():
         raise AskError(f"the question is empty{hint}", EXIT_QUESTION)
-    return question.strip()
+    question = question.strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        raise AskError(f"the question is {len(question)} characters; at most {MAX_QUESTION_CHARS} are "
+                       "accepted", EXIT_QUESTION)
+    bad = next((c for c in question if (ord(c) < 32 and c not in "\t\n\r") or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        raise AskError(f"the question contains the control character {bad!r}; remove it", EXIT_QUESTION)
+    return question
 
 
 def read_batch(path: str | Path) -> list[Question]:

@@ -94,7 +94,8 @@ def load_imagefolder(cfg: PrepareConfig):
     """Images + metadata.csv/jsonl with ``file_name``, as datasets' imagefolder layout.
 
     Read by hand rather than with ``load_dataset("imagefolder")`` so that a missing file or a
-    ``file_name`` that points outside the folder becomes a counted drop, not a crash, and so
+    ``file_name`` that points outside the folder (``..``, an absolute path, a symlink leading out)
+    becomes a counted drop, not a crash, and so
     that no path from a data file is ever opened outside the dataset folder.
     """
     import datasets
@@ -110,8 +111,9 @@ def load_imagefolder(cfg: PrepareConfig):
         raise ConfigError(f"column 'file_name' not found in {folder}/metadata; the imagefolder layout needs it")
     images = []
     for row in rows:
-        target = (root / str(row["file_name"])).resolve()
-        if not target.is_relative_to(root):
+        name = str(row["file_name"])
+        target = (root / name).resolve()  # resolve(): a symlink is judged by where it points
+        if Path(name).is_absolute() or not target.is_relative_to(root):
             images.append({"bytes": None, "path": ESCAPING_PATH})
         elif not target.is_file():
             images.append({"bytes": None, "path": MISSING_FILE})

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import signal
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +20,14 @@ from ..provenance import code_signature, folder_signature
 from . import distributed
 from .config import TrainConfig
 
+log = logging.getLogger(__name__)
+
 PARTIAL_MARKER = "PARTIAL"
+# Fault injection for the fault tests: VQATUNE_FAULT=checkpoint-write:<step> makes the process
+# SIGKILL itself while it writes that step's checkpoint (see ``fault_armed``).
+FAULT_ENV = "VQATUNE_FAULT"
+# Without these the trainer would resume with a fresh optimizer or schedule: not the same run.
+REQUIRED_TORCH_FILES = ("optimizer.pt", "scheduler.pt")
 # The module whose import closure is the code a run executes: its files (and only those: not
 # the CLI, not evaluation) go into the run key.
 TRAINING_ENTRY = "vqatune.training.run"
@@ -35,14 +46,113 @@ def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) ->
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def last_complete_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint that was written to the end (trainer_state.json is saved last)."""
-    candidates = []
+def fault_armed(point: str, step: int) -> bool:
+    """True when ``VQATUNE_FAULT`` is ``<point>:<step>``: one environment lookup, nothing else."""
+    return os.environ.get(FAULT_ENV) == f"{point}:{step}"
+
+
+def kill_mid_write(path: str | Path) -> None:
+    """What SIGKILL during the write of ``path`` leaves: the first half of its bytes, then no process."""
+    path = Path(path)
+    data = path.read_bytes()
+    with path.open("r+b") as fh:
+        fh.truncate(len(data) // 2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists end exactly at the end of the file."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(fh.read(n))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        raise ValueError(f"tensors end at byte {8 + n + max(ends, default=0)}, the file at {size}")
+
+
+def checkpoint_problem(ckpt: Path) -> Optional[str]:
+    """Why ``ckpt`` cannot be resumed (a missing, truncated or garbage file), or None if it can.
+
+    Cheap: trainer_state.json parsed, every safetensors header checked against the file size,
+    optimizer.pt loaded with weights_only (memory-mapped), every other torch file's zip directory
+    read (a truncated zip has none)."""
+    state_file = ckpt / "trainer_state.json"
+    if not state_file.exists():
+        return "no trainer_state.json (written last: the save did not finish)"
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            raise ValueError("no global_step")
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"trainer_state.json unreadable ({err})"
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights:
+        return "no adapter weights (*.safetensors)"
+    for file in weights:
+        try:
+            _check_safetensors(file)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            return f"{file.name} unreadable ({err})"
+    for name in REQUIRED_TORCH_FILES:
+        if not (ckpt / name).exists():
+            return f"no {name}"
+    for file in sorted([*ckpt.glob("*.pt"), *ckpt.glob("*.pth")]):
+        try:
+            if file.name == "optimizer.pt":
+                import torch
+
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                with zipfile.ZipFile(file) as zf:
+                    zf.namelist()
+        except Exception as err:  # noqa: BLE001  any failure to read it means it cannot be resumed
+            return f"{file.name} unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+    return None
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
     for ckpt in Path(run_dir).glob("checkpoint-*"):
         step = ckpt.name.rsplit("-", 1)[-1]
-        if step.isdigit() and (ckpt / "trainer_state.json").exists():
-            candidates.append((int(step), ckpt))
-    return max(candidates)[1] if candidates else None
+        if step.isdigit() and ckpt.is_dir():
+            found.append((int(step), ckpt))
+    return sorted(found, reverse=True)
+
+
+def last_complete_checkpoint(run_dir: Path, discard: bool = False) -> Optional[Path]:
+    """The newest checkpoint whose files all read back (``checkpoint_problem``).
+
+    Newer ones that do not are skipped with one log line each, saying what is resumed instead;
+    with ``discard`` (the main process, before training) they are deleted, so the trainer's
+    checkpoint rotation and a later resume never see them."""
+    skipped = []
+    for _, ckpt in _checkpoints(run_dir):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            _report(skipped, ckpt, discard)
+            return ckpt
+        skipped.append((ckpt, problem))
+    _report(skipped, None, discard)
+    return None
+
+
+def _report(skipped, chosen: Optional[Path], discard: bool) -> None:
+    for ckpt, problem in skipped:
+        instead = f"resuming from {chosen.name}" if chosen else "starting over"
+        log.warning("checkpoint %s is incomplete or corrupt: %s; %s%s", ckpt, problem, instead,
+                    " (deleted)" if discard else "")
+        if discard:
+            import shutil
+
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def save_adapter(model, processor, output_dir: str | Path, partial: bool = False) -> Path:

@@ -166,6 +166,9 @@ def _run_dir(s: _Setup) -> tuple[Path, Optional[Path]]:
             {"train": as_dict(s.cfg), "model_dir": str(s.model_dir), "processed_dir": str(s.processed_dir),
              "max_train_rows": s.max_train_rows, "processes": distributed.world_size()},
             indent=2, default=str) + "\n")
+        if s.resume:
+            # Corrupt newer checkpoints (a kill mid-save, a bad disk) are logged and removed here.
+            last_complete_checkpoint(run_dir, discard=True)
     distributed.barrier()
     checkpoint = last_complete_checkpoint(run_dir) if s.resume else None
     if checkpoint:

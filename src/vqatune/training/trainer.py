@@ -33,6 +33,7 @@ import torch
 from trl import SFTTrainer
 
 from . import distributed
+from .checkpoints import fault_armed, kill_mid_write
 from .config import TrainConfig
 
 
@@ -42,6 +43,19 @@ class LeanSFTTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
+
+    def _save_checkpoint(self, model, trial):
+        if fault_armed("checkpoint-write", self.state.global_step):
+            # Fault test: die while the checkpoint's last file (trainer_state.json) is written,
+            # before the old checkpoints are rotated away.
+            save_state = self.state.save_to_json
+
+            def torn(json_path):
+                save_state(json_path)
+                kill_mid_write(json_path)
+
+            self.state.save_to_json = torn
+        super()._save_checkpoint(model, trial)
 
     def _lean_loss_applies(self, inputs) -> bool:
         parallelism = getattr(self.accelerator, "parallelism_config", None)

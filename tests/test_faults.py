@@ -1,0 +1,474 @@
+"""Faults and bad input: a process killed anywhere, a corrupt file, a bad config, a hostile path,
+a full disk. Each test injects the fault and asserts what survives (everything that was complete)
+and how the failure is reported (one line, naming the key or the path). docs/reliability.md lists
+them with what is not covered yet."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqatune.training.checkpoints import checkpoint_problem, last_complete_checkpoint
+from vqatune.training.run import run_training
+
+pytestmark = pytest.mark.faults
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+# Small enough for 2 CPU cores: 5 steps, a checkpoint every 2.
+TRAIN = {"max_steps": 5, "batch_size": 4, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
+         "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_rows": 8, "warmup": 0.0,
+         "early_stopping_patience": 0, "save_total_limit": 5}
+
+
+def train_config():
+    from vqatune.config import load_params, section
+    from vqatune.training.config import TrainConfig, apply_overrides
+
+    return apply_overrides(section(load_params(REPO / "params.yaml"), "train", TrainConfig), TRAIN)
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def child_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(extra)
+    return env
+
+
+# --------------------------------------------------------------------------------------
+# 1. A kill while a checkpoint is written; corrupt checkpoint files
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model_dir, processed_dir, tmp_path_factory):
+    """An uninterrupted 5-step run: its adapter and its checkpoints 2, 4 and 5 (the end)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    result = run_training(train_config(), tiny_model_dir, processed_dir, tmp / "adapter",
+                          checkpoint_dir=tmp / "ckpt")
+    run_dir = Path(result.checkpoint_dir)
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    return result, tmp / "adapter", run_dir
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """Checkpoints 2 and 4 of the whole run (the last, 5, left out: 4 is the newest)."""
+    return shutil.copytree(run_dir, dest, ignore=lambda _, names: [n for n in names if n == "checkpoint-5"])
+
+
+CHILD = """
+import sys
+from vqatune.config import load_params, section
+from vqatune.training.config import TrainConfig, apply_overrides
+from vqatune.training.run import run_training
+import json
+cfg = apply_overrides(section(load_params(sys.argv[1]), "train", TrainConfig), json.loads(sys.argv[2]))
+run_training(cfg, sys.argv[3], sys.argv[4], sys.argv[5], checkpoint_dir=sys.argv[6])
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(
+        whole_run, tiny_model_dir, processed_dir, tmp_path, caplog):
+    whole, whole_adapter, _ = whole_run
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO / "params.yaml"), json.dumps(TRAIN), str(tiny_model_dir),
+         str(processed_dir), str(tmp_path / "killed"), str(ckpt)],
+        env=child_env(VQATUNE_FAULT="checkpoint-write:4"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    (run_dir,) = ckpt.iterdir()
+    torn = run_dir / "checkpoint-4" / "trainer_state.json"
+    assert torn.exists() and torn.stat().st_size > 0
+    with pytest.raises(ValueError):
+        json.loads(torn.read_text())            # the old check (the file exists) would resume this
+    assert not (tmp_path / "killed").exists()  # no adapter claimed done
+
+    with caplog.at_level(logging.WARNING, logger="vqatune.training.checkpoints"):
+        resumed = run_training(train_config(), tiny_model_dir, processed_dir, tmp_path / "resumed",
+                               checkpoint_dir=ckpt)
+    lines = [r.getMessage() for r in caplog.records if "incomplete or corrupt" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint-4" in lines[0] and "resuming from checkpoint-2" in lines[0], lines
+    assert resumed.resumed and resumed.resumed_from_step == 2 and resumed.steps == whole.steps == 5
+    a, b = adapter_tensors(whole_adapter), adapter_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(max(64, path.stat().st_size // 4)))
+
+
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("file", ["trainer_state.json", "adapter_model.safetensors", "optimizer.pt",
+                                  "scheduler.pt", "rng_state.pth"])
+@pytest.mark.parametrize("damage", [_truncate, _garbage, _delete], ids=["truncated", "garbage", "missing"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(whole_run, tmp_path, caplog, file, damage):
+    _, _, run_dir = whole_run
+    copy = copy_run(run_dir, tmp_path / "run")
+    assert checkpoint_problem(copy / "checkpoint-4") is None
+    if damage is _delete and file in ("scheduler.pt", "rng_state.pth"):
+        pytest.skip("the trainer resumes without them (it warns)")
+    damage(copy / "checkpoint-4" / file)
+    assert checkpoint_problem(copy / "checkpoint-4") is not None
+    with caplog.at_level(logging.WARNING, logger="vqatune.training.checkpoints"):
+        assert last_complete_checkpoint(copy, discard=True) == copy / "checkpoint-2"
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "checkpoint-4" in line and file.split("_")[0].split(".")[0] in line and "resuming from checkpoint-2" in line
+    assert not (copy / "checkpoint-4").exists()  # deleted: rotation and the next resume never see it
+    assert (copy / "checkpoint-2" / "optimizer.pt").exists()
+
+
+def test_every_checkpoint_corrupt_starts_over_and_says_so(whole_run, tmp_path, caplog):
+    _, _, run_dir = whole_run
+    copy = copy_run(run_dir, tmp_path / "run")
+    _truncate(copy / "checkpoint-4" / "adapter_model.safetensors")
+    (copy / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')
+    with caplog.at_level(logging.WARNING, logger="vqatune.training.checkpoints"):
+        assert last_complete_checkpoint(copy) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("starting over" in line for line in lines), lines
+
+
+# --------------------------------------------------------------------------------------
+# 2. Bad configuration: one line naming the key (or the file and line), exit code 2
+# --------------------------------------------------------------------------------------
+
+STAGE_NAMES = ["base_model", "prepare", "tune", "train", "evaluate", "merge", "export"]
+
+
+def good_params() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_value(dotted: str, value) -> dict:
+    params = good_params()
+    *parents, last = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return params
+
+
+def run_stage(name: str, params_file: Path, capsys, tmp_path: Path) -> tuple[int, list[str]]:
+    from conftest_stages import load_stage
+
+    argv = ["--params", str(params_file)]
+    if name == "prepare":  # never write the repo's data/
+        argv += ["--out", str(tmp_path / "processed"), "--metrics", str(tmp_path / "prepare.json")]
+    code = load_stage(name).main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+MALFORMED = [
+    ("unclosed", "model:\n  id: builtin-tiny-gemma3\ntrain:\n  batch_size: [4, 8\n  epochs: 1\n", 5),
+    ("tab", "model:\n\tid: x\n", 2),
+    ("bad-indent", "train:\n  batch_size: 4\n epochs: 1\n", 3),
+]
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+@pytest.mark.parametrize("case, text, line", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_params_yaml_is_one_line_naming_file_and_line(stage, case, text, line, tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text)
+    code, err = run_stage(stage, bad, capsys, tmp_path)
+    assert code == 2 and len(err) == 1, err
+    assert f"{bad}:{line}:" in err[0] and "malformed YAML" in err[0] and "Traceback" not in err[0]
+
+
+def test_params_that_are_not_utf8_are_a_config_error(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(b"model:\n  id: caf\xe9\n")
+    code, err = run_stage("base_model", bad, capsys, tmp_path)
+    assert code == 2 and len(err) == 1 and "not UTF-8" in err[0] and str(bad) in err[0], err
+
+
+BAD_VALUES = [  # (stage that reads it, key, value, what the line must say)
+    ("train", "train.batch_size", 0, r"train\.batch_size: must be a positive integer"),
+    ("train", "train.batch_size", "four", r"train\.batch_size: expected an integer"),
+    ("train", "train.learning_rate", -1e-4, r"train\.learning_rate: must be positive"),
+    ("train", "train.max_steps", 0, r"train\.max_steps: must be -1"),
+    ("train", "train.prompt_mode", "fancy", r"train\.prompt_mode: 'fancy' is not allowed"),
+    ("train", "train.lora.r", 0, r"train\.lora\.r: must be a positive integer"),
+    ("train", "train.bach_size", 4, r"train\.bach_size: unknown key"),
+    ("tune", "tune.n_trials", 0, r"tune\.n_trials: must be at least 1"),
+    ("tune", "tune.n_trials", -3, r"tune\.n_trials: must be at least 1"),
+    ("evaluate", "evaluate.max_new_tokens", 0, r"evaluate\.max_new_tokens: must be at least 1"),
+    ("base_model", "model.tiny_layers", 0, r"model\.tiny_layers: must be at least 1"),
+    ("base_model", "model.tiny_hidden_size", -64, r"model\.tiny_hidden_size: must be a multiple of 16"),
+    ("base_model", "model.tiny_image_size", 0, r"model\.tiny_image_size"),
+    ("prepare", "prepare.image_size", 0, r"prepare\.image_size: must be at least 16"),
+    ("prepare", "prepare.max_image_pixels", -1, r"prepare\.max_image_pixels: must be positive"),
+    ("prepare", "prepare.synthetic_images", "many", r"prepare\.synthetic_images: expected an integer"),
+    ("merge", "merge.verify_rtol", 0, r"merge\.verify_rtol: must be a positive number"),
+    ("export", "export.name", "Bad Name!", r"export\.name"),
+    ("train", "train", [1, 2], r"train: expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("stage, key, value, message", BAD_VALUES,
+                         ids=[f"{k}={v!r}" for _, k, v, _ in BAD_VALUES])
+def test_a_bad_value_stops_the_stage_with_one_line_naming_the_key(stage, key, value, message, tmp_path, capsys):
+    import re
+
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(with_value(key, value)))
+    code, err = run_stage(stage, params, capsys, tmp_path)
+    assert code == 2 and len(err) == 1, err
+    assert re.search(message, err[0]), err[0]
+
+
+@pytest.mark.parametrize("source", ["imagefolder", "parquet"])
+def test_a_missing_local_dataset_path_is_named_before_any_work(source, tmp_path, capsys):
+    import yaml
+
+    params = with_value("prepare.source", source)
+    params["prepare"]["path"] = str(tmp_path / "nowhere")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, err = run_stage("prepare", tmp_path / "params.yaml", capsys, tmp_path)
+    assert code == 2 and len(err) == 1 and "prepare.path" in err[0] and "nowhere" in err[0], err
+    assert not (tmp_path / "processed").exists() and not (tmp_path / "prepare.json").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 3. Paths that leave the dataset or batch folder: `..`, absolute, a symlink leading out
+# --------------------------------------------------------------------------------------
+
+def _png(path: Path, shape=(40, 48, 3), seed=0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_imagefolder_refuses_paths_leaving_the_folder_and_counts_them(tmp_path):
+    from vqatune.config import PrepareConfig
+    from vqatune.data.prepare import prepare_dataset
+    from vqatune.prompts import PromptsConfig
+
+    folder, outside = tmp_path / "ds", tmp_path / "secret"
+    folder.mkdir(), outside.mkdir()
+    secret = _png(outside / "secret.png")
+    for i in range(6):
+        _png(folder / f"ok{i}.png", seed=i)
+    (folder / "link_out.png").symlink_to(secret)                  # a symlink leading out
+    (folder / "link_in.png").symlink_to(folder / "ok0.png")       # a symlink staying inside: fine
+    names = [f"ok{i}.png" for i in range(6)] + ["link_in.png", "../secret/secret.png", str(secret),
+                                                 str(folder / "ok1.png"), "link_out.png"]
+    lines = ["file_name,question,answer,img_id"] + [f"{n},How many polyps?,{i},img{i}" for i, n in enumerate(names)]
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(source="imagefolder", path=str(folder), test_size=0.3)
+    stats = prepare_dataset(cfg, PromptsConfig(), tmp_path / "out")
+    # `..`, the absolute path outside, the absolute path inside (metadata paths are relative) and the link out.
+    assert stats["dropped"]["unsafe_path"] == 4, stats["dropped"]
+    assert stats["rows_in"] == 11 and sum(stats["rows_out"].values()) == 7
+
+
+@pytest.fixture(scope="module")
+def ask_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ask")
+    _png(folder / "a.png")
+    return folder
+
+
+def ask(capsys, model_dir, *args, params=None) -> tuple[int, str, str]:
+    from vqatune.cli.main import main
+
+    code = main(["ask", "--params", str(params or REPO / "params.yaml"), "--model", str(model_dir),
+                 "--max-new-tokens", "3", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ask_batch_refuses_image_paths_leaving_its_folder(ask_dir, tiny_model_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_ROWS
+
+    batch_dir, outside = tmp_path / "batch", tmp_path / "outside"
+    batch_dir.mkdir(), outside.mkdir()
+    secret = _png(outside / "secret.png")
+    shutil.copy(ask_dir / "a.png", batch_dir / "a.png")
+    (batch_dir / "link_out.png").symlink_to(secret)
+    (batch_dir / "link_in.png").symlink_to(batch_dir / "a.png")
+    rows = [("ok", "a.png"), ("dotdot", "../outside/secret.png"), ("absolute", str(secret)),
+            ("link_out", "link_out.png"), ("link_in", "link_in.png")]
+    (batch_dir / "q.jsonl").write_text("".join(json.dumps({"id": i, "image": p, "question": "How many polyps?"})
+                                               + "\n" for i, p in rows))
+    code, out, err = ask(capsys, tiny_model_dir, "--batch", str(batch_dir / "q.jsonl"))
+    got = {r["id"]: r for r in map(json.loads, out.splitlines())}
+    assert code == EXIT_ROWS and "2 of 5 rows answered, 3 with an error" in err, err
+    for refused in ("dotdot", "absolute", "link_out"):
+        assert got[refused]["answer"] is None and "leaves the batch file's folder" in got[refused]["error"]
+    assert got["ok"]["error"] is None and got["link_in"]["error"] is None
+    assert got["ok"]["answer"] == got["link_in"]["answer"]
+
+
+# --------------------------------------------------------------------------------------
+# 4. Bad input to `vqatune ask`: a clear one-line error (single) or a row error (batch)
+# --------------------------------------------------------------------------------------
+
+BAD_QUESTIONS = [
+    ("whitespace", " \t\n ", "the question is empty"),
+    ("100k characters", "How many polyps? " * 6000, "at most 2000 are accepted"),
+    ("NUL", "How many\x00 polyps?", "control character '\\x00'"),
+    ("escape sequence", "How many \x1b[2J polyps?", "control character '\\x1b'"),
+]
+
+
+@pytest.mark.parametrize("case, question, message", BAD_QUESTIONS, ids=[b[0] for b in BAD_QUESTIONS])
+def test_a_bad_question_is_one_line_with_its_exit_code(case, question, message, ask_dir, tiny_model_dir, capsys):
+    from vqatune.cli.ask import EXIT_QUESTION
+
+    code, out, err = ask(capsys, tiny_model_dir, "--image", str(ask_dir / "a.png"), "--question", question)
+    assert code == EXIT_QUESTION and out == "" and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_images_are_one_line_errors(ask_dir, tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from vqatune.cli.ask import EXIT_IMAGE
+
+    (tmp_path / "notes.png").write_text("these are my notes, not an image\n")
+    code, out, err = ask(capsys, tiny_model_dir, "--image", str(tmp_path / "notes.png"), "--question", "How many?")
+    assert code == EXIT_IMAGE and out == "" and "cannot be used (undecodable image)" in err and err.count("\n") == 1
+    code, _, err = ask(capsys, tiny_model_dir, "--image", str(tmp_path), "--question", "How many?")
+    assert code == EXIT_IMAGE and "not found" in err and err.count("\n") == 1  # a folder, not a file
+    # A decompression bomb: more pixels than prepare.max_image_pixels (PIL's limit; here lowered
+    # so the bomb is small: a 40x48 image against a 500-pixel limit).
+    params = good_params()
+    params["prepare"]["max_image_pixels"] = 500
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    code, out, err = ask(capsys, tiny_model_dir, "--image", str(ask_dir / "a.png"), "--question", "How many?",
+                         params=tmp_path / "params.yaml")
+    assert code == EXIT_IMAGE and out == "" and "decompression bomb" in err and err.count("\n") == 1, err
+
+
+def test_a_batch_answers_its_good_rows_around_bad_input(ask_dir, tiny_model_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_ROWS
+
+    shutil.copy(ask_dir / "a.png", tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    rows = [("good1", "a.png", "How many polyps?"), ("blank", "a.png", "   "),
+            ("huge", "a.png", "x" * 100_000), ("ctrl", "a.png", "How\x07 many?"),
+            ("notimage", "notes.png", "How many?"), ("good2", "a.png", "Is there a polyp?")]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"id": i, "image": p, "question": q}) + "\n"
+                                              for i, p, q in rows))
+    code, out, err = ask(capsys, tiny_model_dir, "--batch", str(tmp_path / "q.jsonl"), "--batch-size", "2")
+    got = [json.loads(line) for line in out.splitlines()]
+    assert code == EXIT_ROWS and "2 of 6 rows answered, 4 with an error" in err and "Traceback" not in err
+    assert [r["id"] for r in got] == [r[0] for r in rows]
+    assert [r["answer"] is not None for r in got] == [True, False, False, False, False, True]
+    assert "empty" in got[1]["error"] and "at most 2000" in got[2]["error"]
+    assert "control character" in got[3]["error"] and "undecodable" in got[4]["error"]
+
+
+def test_a_batch_file_that_is_not_utf8_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_BATCH
+
+    (tmp_path / "q.csv").write_bytes(b"image,question\na.png,Combien de polypes \xe0 l'image?\n")
+    code, out, err = ask(capsys, tiny_model_dir, "--batch", str(tmp_path / "q.csv"))
+    assert code == EXIT_BATCH and out == "" and err.count("\n") == 1 and "cannot be read" in err, err
+    assert "utf-8" in err.lower()
+
+
+# --------------------------------------------------------------------------------------
+# 5. A full disk: RLIMIT_FSIZE in the stage's process, SIGXFSZ ignored so writes fail with EFBIG
+# --------------------------------------------------------------------------------------
+
+def run_with_disk_limit(script: str, args: list[str], limit_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=cwd, env=child_env(),
+                          preexec_fn=limit, capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_disk_error(proc, stage: str) -> str:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    import re
+
+    # (progress bars on stderr end without a newline: the line may follow one)
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "\n", proc.stderr)  # cursor moves of progress bars
+    mine = re.findall(rf"(?<![.\w]){stage}: cannot write[^\r\n]*", text)
+    assert len(mine) == 1, proc.stderr[-600:]
+    last = mine[0]
+    assert last.startswith(f"{stage}: cannot write") and "disk full or file-size limit" in last, last
+    return last
+
+
+def test_prepare_on_a_full_disk_fails_in_one_line_and_leaves_no_output(tmp_path):
+    out, metrics = tmp_path / "processed", tmp_path / "prepare.json"
+    proc = run_with_disk_limit("prepare.py", ["--out", str(out), "--metrics", str(metrics), "--params",
+                                              str(REPO / "params.yaml")], 256 * 1024, tmp_path)
+    line = assert_one_line_disk_error(proc, "prepare")
+    assert "File too large" in line and str(out) in line  # names the output it could not write
+    assert not out.exists() and not metrics.exists()           # nothing DVC would take as done
+
+
+def test_train_on_a_full_disk_fails_in_one_line_and_the_rerun_completes(tiny_model_dir, processed_dir, tmp_path):
+    import yaml
+
+    params = good_params()
+    params["train"] = {**params["train"], **TRAIN, "max_steps": 4}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out, metrics, ckpt = tmp_path / "adapter", tmp_path / "train.json", tmp_path / "ckpt"
+    args = ["--model", str(tiny_model_dir), "--data", str(processed_dir), "--best-params",
+            str(tmp_path / "none.json"), "--out", str(out), "--metrics", str(metrics), "--plots",
+            str(tmp_path / "curves"), "--checkpoints", str(ckpt), "--params", str(tmp_path / "params.yaml")]
+    proc = run_with_disk_limit("train.py", args, 16 * 1024, tmp_path)
+    line = assert_one_line_disk_error(proc, "train")
+    assert str(out) in line or str(ckpt) in line, line
+    assert list(ckpt.glob("*/checkpoint-*")), "the limit should hit the first checkpoint"
+    assert not out.exists() and not metrics.exists()
+    # The half-written checkpoint is never resumed: the rerun (disk freed) starts over and finishes.
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), *args], cwd=tmp_path,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "incomplete or corrupt" in proc.stderr and "starting over" in proc.stderr
+    assert json.loads(metrics.read_text())["steps"] == 4 and (out / "adapter_model.safetensors").exists()
+
+
+def test_merge_on_a_full_disk_fails_in_one_line_and_leaves_no_output(tiny_model_dir, tmp_path):
+    from conftest_adapters import make_perturbed_adapter
+
+    adapter = make_perturbed_adapter(tiny_model_dir, tmp_path / "adapter")
+    out, metrics = tmp_path / "merged", tmp_path / "merge.json"
+    proc = run_with_disk_limit("merge.py", ["--base", str(tiny_model_dir), "--adapter", str(adapter), "--out",
+                                            str(out), "--metrics", str(metrics), "--params",
+                                            str(REPO / "params.yaml")], 64 * 1024, tmp_path)
+    assert str(out) in assert_one_line_disk_error(proc, "merge")
+    assert not out.exists() and not metrics.exists()
