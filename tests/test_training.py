@@ -85,7 +85,8 @@ def test_prompt_mode_mix_trains_every_mode_deterministically(tiny_model_dir, pro
 
     from vqatune.training.collate import AnswerOnlyCollator, mixed_prompt_mode
 
-    rows = load_from_disk(str(processed_dir))["train"].to_list()
+    train = load_from_disk(str(processed_dir))["train"]
+    rows = train.select_columns(["row_id", "img_id", "question"]).to_list()
     modes = [mixed_prompt_mode(r, seed=0) for r in rows]
     assert modes == [mixed_prompt_mode(r, seed=0) for r in rows]
     assert modes != [mixed_prompt_mode(r, seed=1) for r in rows]
@@ -95,7 +96,7 @@ def test_prompt_mode_mix_trains_every_mode_deterministically(tiny_model_dir, pro
 
     processor = load_processor(tiny_model_dir)
     mixed = AnswerOnlyCollator(processor, "mix", mix_seed=0)
-    picked = [next(r for r, m in zip(rows, modes) if m == mode) for mode in ("none", "static", "adaptive")]
+    picked = [train[modes.index(mode)] for mode in ("none", "static", "adaptive")]
     batch = mixed(picked)
     for i, mode in enumerate(("none", "static", "adaptive")):
         single = AnswerOnlyCollator(processor, mode)([picked[i]])
