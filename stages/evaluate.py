@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print("evaluate: exact match  " + "  ".join(
         f"{model}/{mode} {s[model][mode]['exact_match']:.3f}"
         for model in ("base", "tuned") for mode in ("none", "static", "adaptive"))
+        + f"  blank images (tuned/none) {s['image_ablation']['none']['exact_match']:.3f}"
         + f"  majority {s['majority']['exact_match']:.3f}")
     print(f"evaluate: {gen['examples']} answers in {gen['seconds']} s ({gen['examples_per_s']} examples/s) "
           f"on {gen['device']}, peak {gen['peak_memory_gib']} GiB ({gen['memory_measure']})")

@@ -88,13 +88,18 @@ def test_eval_json_has_the_promised_shape(stage_run):
             assert all(0.0 <= leaf[m] <= 1.0 for m in METRIC_NAMES)
             assert leaf["examples_per_s"] > 0 and leaf["peak_memory_gib"] > 0
     assert leaf_keys <= set(scores["majority"]) and scores["majority"]["n"] == SUBSET
+    # The image ablation: the tuned model, mode none, on blank images; the same score keys.
+    assert set(scores["image_ablation"]) == {"none"}
+    assert set(scores["image_ablation"]["none"]) == set(scores["tuned"]["none"])
+    assert scores["image_ablation"]["none"]["n"] == SUBSET
     assert scores["generation"]["test_rows"] == SUBSET
     # Each test image's pixels were made once for all six configurations; the rest reused them.
+    # The ablation processes one blank per image size (never a real image's cached pixels).
     timing = scores["generation"]["timing"]
     distinct = len({r["img_id"] for r in _predictions(out, "base_none")})
     assert distinct < SUBSET, "the subset must repeat an image for the reuse to show"
-    assert timing["rows"] == 6 * SUBSET and timing["images_processed"] == distinct
-    assert timing["images_reused"] == 6 * SUBSET - distinct
+    assert timing["rows"] == 7 * SUBSET and timing["images_processed"] == distinct + 1
+    assert timing["images_reused"] == 7 * SUBSET - distinct - 1
     assert timing["generate_s"] > 0 and timing["total_s"] >= timing["generate_s"]
 
     by_category = json.loads((out / "eval_by_category.json").read_text())
@@ -102,12 +107,58 @@ def test_eval_json_has_the_promised_shape(stage_run):
         for mode in ("none", "static", "adaptive"):
             assert sum(leaf["n"] for leaf in by_category[model][mode].values()) == SUBSET
     assert sum(leaf["n"] for leaf in by_category["majority"].values()) == SUBSET
+    assert sum(leaf["n"] for leaf in by_category["image_ablation"]["none"].values()) == SUBSET
+
+
+def test_eval_json_is_recomputed_from_the_prediction_files(stage_run):
+    """Every configuration's exact match (overall and per category) follows from its per-row
+    predictions file: the scores describe exactly the answers that were written."""
+    from vqatune.evaluation.metrics import exact_match
+
+    _, out, _ = stage_run
+    scores = json.loads((out / "eval.json").read_text())
+    by_category = json.loads((out / "eval_by_category.json").read_text())
+    leaves = {f"{m}_{mode}": (scores[m][mode], by_category[m][mode])
+              for m in ("base", "tuned") for mode in ("none", "static", "adaptive")}
+    leaves["image_ablation_none"] = (scores["image_ablation"]["none"], by_category["image_ablation"]["none"])
+    leaves["majority"] = (scores["majority"], by_category["majority"])
+    for name, (overall, per_category) in leaves.items():
+        rows = _predictions(out, name)
+        assert len(rows) == overall["n"]
+        assert all(r["exact_match"] == exact_match(r["prediction"], r["reference"]) for r in rows), name
+        assert overall["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / len(rows), abs=1e-4)
+        for category, leaf in per_category.items():
+            mine = [r["exact_match"] for r in rows if r["category"] == category]
+            assert leaf["n"] == len(mine)
+            assert leaf["exact_match"] == pytest.approx(sum(mine) / len(mine), abs=1e-4), (name, category)
+
+
+def test_image_ablation_replaces_the_pixels(processed_dir, tiny_model_dir):
+    """BlankImages hands out uniform images of each test image's size, which the processor turns
+    into all-zero pixels, under keys no real image has."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from vqatune.evaluation.run import BlankImages, _LazyImages
+
+    test = load_from_disk(str(processed_dir))["test"]
+    images = _LazyImages(test.select(range(5)))
+    blank = BlankImages(images)
+    processor = model_module.load_processor(tiny_model_dir)
+    assert len(blank) == 5 and set(blank.keys()).isdisjoint(test["img_id"])
+    for i in range(5):
+        real, empty = np.asarray(images[i]), np.asarray(blank[i])
+        assert empty.shape == real.shape and (empty == empty.flat[0]).all()
+        assert real.std() > 10, "the real image has content the ablation removes"
+        pixels = processor.image_processor([blank[i]], return_tensors="pt")["pixel_values"]
+        assert pixels.abs().max().item() < 0.01
 
 
 def test_every_output_is_written(stage_run):
     _, out, _ = stage_run
     names = {p.stem for p in (out / "predictions").glob("*.jsonl")}
-    assert names == {f"{m}_{mode}" for m in ("base", "tuned") for mode in ("none", "static", "adaptive")} | {"majority"}
+    assert names == ({f"{m}_{mode}" for m in ("base", "tuned") for mode in ("none", "static", "adaptive")}
+                     | {"image_ablation_none", "majority"})
     row = _predictions(out, "tuned_static")[0]
     assert {"img_id", "question", "category", "reference", "prediction"} <= set(row)
     for name in ("configurations.png", "by_category.png", "configurations.json", "by_category.json"):
@@ -115,7 +166,7 @@ def test_every_output_is_written(stage_run):
     rows = json.loads((out / "plots" / "configurations.json").read_text())
     assert [r["configuration"] for r in rows] == [
         "base/none", "base/static", "base/adaptive", "tuned/none", "tuned/static", "tuned/adaptive",
-        "majority"]
+        "tuned/none, blank images", "majority"]
     assert not list(out.rglob("*.tmp*"))
 
 

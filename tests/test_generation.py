@@ -43,6 +43,24 @@ def test_batched_answers_equal_one_at_a_time(tiny):
     assert not model.training
 
 
+def test_images_change_the_answers_so_a_mix_up_would_show(tiny):
+    """The tiny model's projector is random (not Gemma's zero init), so each row's answer depends
+    on its own image: a generator that paired rows with the wrong images, in a batch or across
+    batches, would answer differently from one-at-a-time generation (the test above)."""
+    model, processor = tiny
+    assert model.model.multi_modal_projector.mm_input_projection_weight.abs().sum() > 0
+    messages, images = _inputs(7)
+    same_question = [messages[0]] * 7
+    one_by_one = [generate_answers(model, processor, [m], [im], batch_size=1, max_new_tokens=6)[0]
+                  for m, im in zip(same_question, images)]
+    assert len(set(one_by_one)) > 1, "one question, seven images: the images must change the answer"
+    batched = generate_answers(model, processor, same_question, images, batch_size=4, max_new_tokens=6)
+    assert batched == one_by_one
+    rolled = generate_answers(model, processor, same_question, images[1:] + images[:1], batch_size=4,
+                              max_new_tokens=6)
+    assert rolled != batched, "rows paired with their neighbours' images answer differently"
+
+
 def test_prompt_has_one_bos(tiny):
     _, processor = tiny
     messages, images = _inputs(1)

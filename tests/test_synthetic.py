@@ -102,3 +102,58 @@ def test_answers_vary_with_the_image(rows):
         by_q[r["question"]].add(r["answer"])
     for q in (K.Q_BOX, K.Q_TEXT, K.Q_COUNT_POLYPS, K.Q_WHERE_ABNORMALITY, K.Q_PROCEDURE):
         assert len(by_q[q]) >= 2, q
+
+
+def _params_image_size() -> int:
+    from pathlib import Path
+
+    from vqatune.config import PrepareConfig, load_params, section
+
+    return section(load_params(Path(__file__).resolve().parents[1] / "params.yaml"), "prepare",
+                   PrepareConfig).image_size
+
+
+def _read_polyps(img: Image.Image, size: int, flags: dict):
+    """A pixel-reading oracle: [(colour, cell)] of the polyps in ``img`` seen at ``size`` px.
+
+    Every pixel close to a polyp colour is labelled with it; each connected blob of one colour
+    of a polyp's size is a polyp, its centroid's 3x3 cell its location. The overlays' cells hold
+    no object (make_scene), so blobs there (white text) are skipped.
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    from vqatune.data.synthetic import POLYP_COLOURS
+
+    pixels = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    palette = np.array([RGB[c] for c in POLYP_COLOURS], dtype=np.float32)
+    distance = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)
+    nearest, close = distance.argmin(-1), distance.min(-1) < 30
+    found = []
+    for k, colour in enumerate(POLYP_COLOURS):
+        blobs, n = ndimage.label(close & (nearest == k))
+        for blob in range(1, n + 1):
+            ys, xs = np.nonzero(blobs == blob)
+            row, col = min(int(ys.mean() * 3 / size), 2), min(int(xs.mean() * 3 / size), 2)
+            cell = K.GRID_CELLS[3 * row + col]
+            hidden = {"upper-left"} if flags["text"] else set()
+            hidden |= {"lower-left"} if flags["box"] else set()
+            # The smallest polyp (<5mm) covers ~50 px at 96 px; blurred rims of other shapes less.
+            if len(ys) >= 15 * (size / 96) ** 2 and cell not in hidden:
+                found.append((colour, cell))
+    return sorted(found)
+
+
+def test_the_pixels_carry_the_answers_at_the_model_input_size():
+    """Count, colour and grid cell of the polyps read back from the image at prepare.image_size
+    (what the model sees): the data carries its answers, legibly, at that size."""
+    size = _params_image_size()
+    rng, right, scenes = random.Random(11), 0, 0
+    while scenes < 60:
+        img, things, flags = make_scene("Polyps", rng)
+        if any(t.kind != "polyp" for t in things):
+            continue  # landmarks share the polyp colours; the oracle reads polyps only
+        scenes += 1
+        truth = sorted((t.colour, t.cell) for t in things)
+        right += _read_polyps(img, size, flags) == truth
+    assert right / scenes >= 0.9, f"oracle read {right} of {scenes} scenes right at {size} px"

@@ -69,6 +69,40 @@ def test_every_trainable_parameter_changes_and_no_frozen_one_does(tiny_model_dir
     assert (saved / "adapter_model.safetensors").exists() and (saved / "adapter_config.json").exists()
     assert (saved / "tokenizer.model").exists() or (saved / "tokenizer.json").exists()
     assert not (saved / PARTIAL_MARKER).exists()
+    # The saved adapter really adapts: peft starts every lora_B at zero (a no-op adapter), and
+    # each one the run trained must have left zero in the file.
+    tensors = adapter_tensors(saved)
+    lora_b = {k: v for k, v in tensors.items() if "lora_B" in k}
+    assert lora_b and [k for k, v in lora_b.items() if not v.abs().sum() > 0] == []
+
+
+def test_prompt_mode_mix_trains_every_mode_deterministically(tiny_model_dir, processed_dir):
+    """prompt_mode mix: each row's mode is drawn from its row_id and the seed, the same on every
+    call; all three modes occur, and the collator reads each row's own messages column."""
+    from collections import Counter
+
+    from datasets import load_from_disk
+
+    from vqatune.training.collate import AnswerOnlyCollator, mixed_prompt_mode
+
+    train = load_from_disk(str(processed_dir))["train"]
+    rows = train.select_columns(["row_id", "img_id", "question"]).to_list()
+    modes = [mixed_prompt_mode(r, seed=0) for r in rows]
+    assert modes == [mixed_prompt_mode(r, seed=0) for r in rows]
+    assert modes != [mixed_prompt_mode(r, seed=1) for r in rows]
+    counts = Counter(modes)
+    assert set(counts) == {"none", "static", "adaptive"} and min(counts.values()) > len(rows) / 5
+    from vqatune.models.loading import load_processor
+
+    processor = load_processor(tiny_model_dir)
+    mixed = AnswerOnlyCollator(processor, "mix", mix_seed=0)
+    picked = [train[modes.index(mode)] for mode in ("none", "static", "adaptive")]
+    batch = mixed(picked)
+    for i, mode in enumerate(("none", "static", "adaptive")):
+        single = AnswerOnlyCollator(processor, mode)([picked[i]])
+        n = int(single["attention_mask"].sum())
+        assert torch.equal(batch["input_ids"][i, :n], single["input_ids"][0, :n]), mode
+    assert small_config(prompt_mode="mix").prompt_mode == "mix"
 
 
 def test_loss_falls_on_a_fixed_batch(tiny_model_dir, processed_dir):

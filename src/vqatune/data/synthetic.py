@@ -83,39 +83,52 @@ def draw_polyp(draw, t: Thing, w, h, rng) -> None:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(90, 30, 30))
 
 
+def stroke(w: int, h: int) -> int:
+    """Line width that stays >= 3 px at the model's input size (the smallest image, 180x144,
+    shrinks ~1.9x to 96 px): thinner strokes blur below a pixel and their answers vanish."""
+    return max(5, min(w, h) // 24)
+
+
+# Each instrument has its own shape and tone, so that its name can be read at the input size.
+INSTRUMENT_RGB = {"tube": (235, 235, 240), "biopsy forceps": (150, 150, 165), "polyp snare": (90, 220, 230),
+                  "metal clip": (60, 60, 75), "injection needle": (50, 90, 235)}
+
+
 def draw_instrument(draw, t: Thing, w, h, rng) -> None:
     x, y = cell_centre(t.cell, w, h, rng)
     s = min(w, h) // 8
-    metal = (190, 190, 200)
+    lw = stroke(w, h)
+    colour = INSTRUMENT_RGB[t.name]
     if t.name == "tube":
-        draw.line([x - s, y - s, x + s, y + s], fill=(230, 230, 235), width=max(4, s // 2))
+        draw.line([x - s, y - s, x + s, y + s], fill=colour, width=2 * lw)
     elif t.name == "biopsy forceps":
-        draw.line([x - s, y, x, y], fill=metal, width=3)
-        draw.polygon([(x, y), (x + s, y - s // 2), (x + s, y + s // 2)], fill=metal)
+        draw.line([x - s, y, x, y], fill=colour, width=lw)
+        draw.polygon([(x, y), (x + s, y - s // 2 - lw), (x + s, y + s // 2 + lw)], fill=colour)
     elif t.name == "polyp snare":
-        draw.ellipse([x - s, y - s, x + s, y + s], outline=metal, width=2)
+        draw.ellipse([x - s, y - s, x + s, y + s], outline=colour, width=lw)
     elif t.name == "metal clip":
-        draw.line([x - s // 2, y - s // 2, x, y + s // 2, x + s // 2, y - s // 2], fill=metal, width=3)
+        draw.line([x - s // 2, y - s // 2, x, y + s // 2, x + s // 2, y - s // 2], fill=colour, width=lw)
     else:  # injection needle
-        draw.line([x - s, y + s, x + s, y - s], fill=(60, 160, 220), width=2)
+        draw.line([x - s, y + s, x + s, y - s], fill=colour, width=lw)
 
 
 def draw_landmark(draw, t: Thing, w, h, rng) -> None:
     x, y = cell_centre(t.cell, w, h, rng)
     s = min(w, h) // 6
+    lw = stroke(w, h)
     if t.name == "z-line":
         pts = [(x - s + i * s // 3, y + (6 if i % 2 else -6)) for i in range(7)]
-        draw.line(pts, fill=RGB["white"], width=3)
+        draw.line(pts, fill=RGB["white"], width=lw)
     elif t.name == "pylorus":
-        draw.ellipse([x - s // 2, y - s // 2, x + s // 2, y + s // 2], outline=(60, 20, 20), width=4)
+        draw.ellipse([x - s // 2, y - s // 2, x + s // 2, y + s // 2], outline=(60, 20, 20), width=lw)
     elif t.name == "cecum":
         for k in range(3):
-            draw.arc([x - s + 4 * k, y - s + 4 * k, x + s - 4 * k, y + s - 4 * k], 200, 340,
-                     fill=RGB["pink"], width=2)
+            draw.arc([x - s + 2 * lw * k, y - s + 2 * lw * k, x + s - 2 * lw * k, y + s - 2 * lw * k],
+                     200, 340, fill=RGB["pink"], width=lw)
     else:  # ileum: villous texture
         for _ in range(12):
             px, py = x + rng.randint(-s, s), y + rng.randint(-s, s)
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=RGB["yellow"])
+            draw.ellipse([px - lw // 2, py - lw // 2, px + lw // 2, py + lw // 2], fill=RGB["yellow"])
 
 
 def make_scene(source: str, rng: random.Random) -> tuple[Image.Image, list[Thing], dict]:
@@ -149,7 +162,8 @@ def make_scene(source: str, rng: random.Random) -> tuple[Image.Image, list[Thing
         cell = cells.pop()
         x, y = cell_centre(cell, w, h, rng)
         for k in range(4):
-            draw.line([x - 20 + 10 * k, y - 15, x - 10 + 10 * k, y + 15], fill=RGB["red"], width=4)
+            draw.line([x - 20 + 10 * k, y - 15, x - 10 + 10 * k, y + 15], fill=RGB["red"],
+                      width=stroke(w, h))
         things.append(Thing("oesophagitis", "oesophagitis", cell, "red"))
         things.append(Thing("landmark", "z-line", cells.pop(), "white"))
     elif source != "Normal" and rng.random() < 0.3:
@@ -220,11 +234,12 @@ def answers_for(things: list[Thing], flags: dict, source: str, rng: random.Rando
     if findings:  # Kvasir asks these only where there is a finding
         answers[K.Q_ABNORMALITY] = "; ".join(abnormality_names)
         answers[K.Q_COUNT_FINDINGS] = str(len(findings))
+        # Colours are not order-normalised in Kvasir-VQA (not sorted); here they come in the
+        # reading order of the findings' cells, so the order too is read off the image.
         colours = []
-        for t in findings:
+        for t in sorted(findings, key=lambda t: K.GRID_CELLS.index(t.cell)):
             colours.extend(c.strip() for c in t.colour.split(";"))
         colours = list(dict.fromkeys(colours))
-        rng.shuffle(colours)  # colours are not order-normalised in Kvasir-VQA
         answers[K.Q_COLOR_ABNORMALITY] = "; ".join(colours)
     if landmarks and rng.random() < 0.15:  # rare in the real data (88 rows)
         answers[K.Q_COLOR_LANDMARK] = "; ".join(sorted({t.colour for t in landmarks}))

@@ -10,6 +10,8 @@ from .metrics import BERTSCORE_PACKAGED
 
 MODELS = ("base", "tuned")
 MAJORITY = "majority"
+# The tuned model on blank images (mode none): what it answers without looking.
+ABLATION = "image_ablation"
 
 
 def configuration_name(model: str, mode: str) -> str:

@@ -8,10 +8,20 @@ from pathlib import Path
 from typing import Optional
 
 from ..prompts import PROMPT_MODES
-from .config import MAJORITY, MODELS
+from .config import ABLATION, MAJORITY, MODELS
 from .metrics import METRIC_NAMES
 # The headline metrics, in the order the bars appear.
 PLOTTED_METRICS = ("exact_match", "set_f1", "token_f1", "rougeL", "bertscore_f1")
+# The image ablation's bar: the tuned model (mode none) on blank images.
+ABLATION_LABEL = "tuned/none, blank images"
+
+
+def _palette(n_configurations: int):
+    """Blues for base, oranges for tuned, grey for the image ablation."""
+    import seaborn as sns
+
+    colours = sns.color_palette("Blues", 4)[1:] + sns.color_palette("Oranges", 4)[1:]
+    return colours + [(0.55, 0.55, 0.55)] * (n_configurations - len(colours))
 
 
 def configuration_rows(scores: dict) -> list[dict]:
@@ -22,6 +32,9 @@ def configuration_rows(scores: dict) -> list[dict]:
             leaf = scores[model][mode]
             rows.append({"configuration": f"{model}/{mode}", "model": model, "prompt_mode": mode,
                          **{m: leaf.get(m) for m in METRIC_NAMES}})
+    if ABLATION in scores:
+        rows.append({"configuration": ABLATION_LABEL, "model": ABLATION, "prompt_mode": "none",
+                     **{m: scores[ABLATION]["none"].get(m) for m in METRIC_NAMES}})
     rows.append({"configuration": MAJORITY, "model": MAJORITY, "prompt_mode": "-",
                  **{m: scores[MAJORITY].get(m) for m in METRIC_NAMES}})
     return rows
@@ -31,6 +44,8 @@ def category_rows(by_category: dict) -> list[dict]:
     """One row per (configuration, category)."""
     rows = []
     leaves = [(f"{m}/{mode}", by_category[m][mode]) for m in MODELS for mode in PROMPT_MODES]
+    if ABLATION in by_category:
+        leaves.append((ABLATION_LABEL, by_category[ABLATION]["none"]))
     leaves.append((MAJORITY, by_category[MAJORITY]))
     for configuration, per_category in leaves:
         for category, leaf in per_category.items():
@@ -77,16 +92,17 @@ def plot_configurations(scores: dict, path: str | Path) -> Path:
     rows = configuration_rows(scores)
     metrics = tuple(m for m in PLOTTED_METRICS if scores[MAJORITY].get(m) is not None
                     or any(r[m] is not None for r in rows))
-    frame = _long([r for r in rows if r["model"] != MAJORITY], metrics, ("configuration",))
+    shown = [r for r in rows if r["model"] != MAJORITY]
+    frame = _long(shown, metrics, ("configuration",))
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(11, 5))
-    palette = sns.color_palette("Blues", 4)[1:] + sns.color_palette("Oranges", 4)[1:]
+    palette = _palette(len(shown))
     sns.barplot(frame, x="metric", y="score", hue="configuration", order=list(metrics),
                 palette=palette, ax=ax)
     _majority_marks(ax, list(metrics), {m: scores[MAJORITY].get(m) for m in metrics})
     n = scores[MAJORITY]["n"]
     ax.set(ylim=(0, 1.05), xlabel="", ylabel="score",
-           title=f"Base vs tuned under each prompt mode ({n} test questions)")
+           title=f"Base vs tuned under each prompt mode, and on blank images ({n} test questions)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     path = Path(path)
     _save(fig, path)
@@ -104,11 +120,11 @@ def plot_by_category(by_category: dict, path: str | Path, metric: str = "exact_m
 
     rows = category_rows(by_category)
     categories = sorted({r["category"] for r in rows})
-    frame = _long([r for r in rows if r["configuration"] != MAJORITY], (metric,),
-                  ("configuration", "category"))
+    shown = [r for r in rows if r["configuration"] != MAJORITY]
+    frame = _long(shown, (metric,), ("configuration", "category"))
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(categories)), 5))
-    palette = sns.color_palette("Blues", 4)[1:] + sns.color_palette("Oranges", 4)[1:]
+    palette = _palette(len({r["configuration"] for r in shown}))
     sns.barplot(frame, x="category", y="score", hue="configuration", order=categories,
                 palette=palette, ax=ax)
     majority = {c: leaf.get(metric) for c, leaf in by_category[MAJORITY].items()}

@@ -20,7 +20,7 @@ from ..generation.generate import generate_answers
 from ..prompts import PROMPT_MODES
 from ..provenance import peak_memory
 from .batching import resolve_batch_size
-from .config import MAJORITY, MODELS, EvaluateConfig, configuration_name
+from .config import ABLATION, MAJORITY, MODELS, EvaluateConfig, configuration_name
 from .metrics import majority_predictions, make_bertscore, mean_scores, mean_scores_by, score_answers
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EvaluationReport:
-    # {"base": {mode: scores}, "tuned": {mode: scores}, "majority": scores, "generation": {...}}
+    # {"base": {mode: scores}, "tuned": {mode: scores}, "image_ablation": {"none": scores},
+    #  "majority": scores, "generation": {...}}
     scores: dict
     # The same shape, each leaf a {category: scores} mapping.
     by_category: dict
-    # {"base_none": [rows], ..., "majority": [rows]}: what each configuration answered.
+    # {"base_none": [rows], ..., "image_ablation_none": [rows], "majority": [rows]}: what each configuration answered.
     predictions: dict[str, list[dict]]
 
 
@@ -55,6 +56,31 @@ class _LazyImages:
     def __getitem__(self, i: int):
         image = self.dataset[i]["image"]
         return image.convert("RGB") if image.mode != "RGB" else image
+
+
+class BlankImages:
+    """``images`` with every image replaced by a blank one of the same size (the image ablation).
+
+    Uniform mid-grey: the processor's normalisation (mean 0.5, std 0.5) turns it into all-zero
+    pixels, an image that carries nothing. ``keys`` names them apart from the real images (one
+    blank per size) so no pixel cache hands back a real image's pixels for a blank one.
+    """
+
+    COLOUR = (128, 128, 128)
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return Image.new("RGB", self.images[i].size, self.COLOUR)
+
+    def keys(self) -> list[str]:
+        return [f"blank:{w}x{h}" for w, h in (self.images[i].size for i in range(len(self.images)))]
 
 
 def prompt_messages(stored: list[dict]) -> list[dict]:
@@ -211,6 +237,26 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
             log.info("%s: exact match %.3f, %.2f examples/s", name,
                      scores[model_name][mode]["exact_match"], len(answers) / seconds)
 
+    # The image ablation: the tuned model again (mode none) on blank images of the same sizes.
+    # What it loses against tuned/none is what the adapter reads from the pixels.
+    messages = [prompt_messages(m) for m in test["messages_none"]]
+    blank = BlankImages(images)
+    start = time.perf_counter()
+    answers = generate_answers(model, processor, messages, blank, batch_size=batch_size,
+                               max_new_tokens=cfg.max_new_tokens, progress=progress,
+                               image_keys=blank.keys(), pixel_cache=ImagePixelCache(),
+                               cache_implementation=cfg.cache_implementation, stats=timing)
+    seconds = time.perf_counter() - start
+    total_seconds += seconds
+    total_examples += len(answers)
+    per_row = record(configuration_name(ABLATION, "none"), answers)
+    scores[ABLATION] = {"none": {**mean_scores(per_row),
+                                 "examples_per_s": round(len(answers) / seconds, 3),
+                                 "peak_memory_gib": round(peak_memory(device)[0], 3)}}
+    by_category[ABLATION] = {"none": mean_scores_by(per_row, categories)}
+    log.info("%s: exact match %.3f", configuration_name(ABLATION, "none"),
+             scores[ABLATION]["none"]["exact_match"])
+
     # The majority-answer baseline, scored the same way
     answers, unseen = majority_predictions(splits["train"]["question"], splits["train"]["answer"],
                                            questions)
@@ -228,7 +274,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
         "peak_memory_gib": round(peak, 3), "memory_measure": measure,
         "test_rows": len(test), "test_rows_total": len(splits["test"]),
         "cache_implementation": cfg.cache_implementation, "compiled_norms": compiles_norms(model, cfg),
-        # Where the generation time went, summed over the six configurations (generate_answers).
+        # Where the generation time went, summed over the six configurations and the ablation (generate_answers).
         "timing": {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()},
     }
     return EvaluationReport(scores=scores, by_category=by_category, predictions=predictions)

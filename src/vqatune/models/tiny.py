@@ -163,10 +163,12 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
             raise RuntimeError(f"tiny tokenizer: {tok} has id {ids[tok]}, Gemma's is {want}")
     vocab_size = len(tokenizer)
 
-    # Shapes: MedGemma's layout in miniature. 64 px / patch 8 = 8x8 patches, pooled 2x2 -> 16
-    # image tokens (MedGemma: 896 px / 14 = 64x64, pooled 4x4 -> 256).
+    # Shapes: MedGemma's layout in miniature. Patches of 8 px pooled 2x2 into image tokens:
+    # 64 px -> 8x8 patches -> 16 tokens; 96 px -> 12x12 -> 36 tokens, a 6x6 grid whose 2x2 blocks
+    # are the 3x3 cells the location answers name (MedGemma: 896 px / 14 = 64x64, pooled 4x4 -> 256).
     image_size = cfg.tiny_image_size
-    patch = image_size // 8
+    patch = 8
+    tokens_per_side = image_size // (2 * patch)
     hidden = cfg.tiny_hidden_size
     config = Gemma3Config(
         text_config=dict(
@@ -197,7 +199,7 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
             num_attention_heads=2,
             vision_use_head=False,
         ),
-        mm_tokens_per_image=16,
+        mm_tokens_per_image=tokens_per_side ** 2,
         boi_token_index=ids[BOI],
         eoi_token_index=ids[EOI],
         image_token_index=ids[IMAGE_TOKEN],
@@ -205,6 +207,13 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
     )
     config.text_config.eos_token_id = [ids[EOS], tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     model = Gemma3ForConditionalGeneration(config)
+    # Gemma 3 initialises the projector at zero (a pretrained checkpoint overwrites it). A random
+    # model kept so would see every image as the same zero vector: nothing to read, nothing for
+    # the fine-tuning to learn from the pixels. A random projector scaled so its outputs are about
+    # as large as the (sqrt(hidden)-scaled) word embeddings lets the images reach the LM at once.
+    with torch.no_grad():
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.normal_(0.0, 1.0 / proj.shape[0] ** 0.5)
     model.generation_config.eos_token_id = [ids[EOS], tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     model.generation_config.pad_token_id = ids[PAD]
     model.generation_config.bos_token_id = ids[BOS]

@@ -14,6 +14,7 @@ whereas tokenizing the whole text could merge tokens across the prompt/answer bo
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Any, Optional
 
 import torch
@@ -23,6 +24,18 @@ from ..vision.keys import image_key_tensor, image_prompt_texts
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<end_of_turn>"
+# train.prompt_mode: one of the prompt modes, or MIX: each row under a mode drawn for it.
+MIX = "mix"
+TRAIN_PROMPT_MODES = PROMPT_MODES + (MIX,)
+
+
+def mixed_prompt_mode(row: dict, seed: int) -> str:
+    """The prompt mode ``prompt_mode: mix`` trains ``row`` under: drawn per row from its
+    ``row_id`` (prepare's stable row index; img_id + question where a row has none) and the seed,
+    so the draw is the same in every epoch, batch order, resumed run and worker. About a third of
+    the rows each: static and adaptive are then judged on prompts the adapter has seen."""
+    key = row["row_id"] if "row_id" in row else f"{row['img_id']}|{row['question']}"
+    return PROMPT_MODES[random.Random(f"{seed}:{key}").randrange(len(PROMPT_MODES))]
 
 
 def prompt_text(processor, messages: list[dict]) -> str:
@@ -81,10 +94,12 @@ class AnswerOnlyCollator:
     image_keys: bool = False
     pad_to_multiple_of: int = 8
     truncated: int = 0
+    # prompt_mode "mix": the seed of the per-row draw (mixed_prompt_mode).
+    mix_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {', '.join(PROMPT_MODES)}")
+        if self.prompt_mode not in TRAIN_PROMPT_MODES:
+            raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {', '.join(TRAIN_PROMPT_MODES)}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side {self.padding_side!r} is not 'left' or 'right'")
         if self.pad_to_multiple_of < 1:
@@ -95,10 +110,16 @@ class AnswerOnlyCollator:
 
     @property
     def messages_column(self) -> str:
+        """The messages column of a single-mode collator (``mix`` reads one per row)."""
+        if self.prompt_mode == MIX:
+            raise AttributeError("prompt_mode mix reads messages_<mode> per row (row_messages)")
         return f"messages_{self.prompt_mode}"
 
+    def row_mode(self, row: dict) -> str:
+        return mixed_prompt_mode(row, self.mix_seed) if self.prompt_mode == MIX else self.prompt_mode
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        messages = [row[self.messages_column] for row in rows]
+        messages = [row[f"messages_{self.row_mode(row)}"] for row in rows]
         texts = [prompt_text(self.processor, m) for m in messages]
         # add_special_tokens=False: the template already starts with <bos>.
         if self.image_keys:

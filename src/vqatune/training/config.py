@@ -58,8 +58,9 @@ class TrainConfig:
     fp32_residual: bool = True
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
-    # Data. The prompt mode trained on (evaluation still tries all three).
-    prompt_mode: Literal["none", "static", "adaptive"] = "none"
+    # Data. The prompt mode trained on (evaluation still tries all three); mix: each row under a
+    # mode drawn per row from its row_id and `seed` (training.collate.mixed_prompt_mode).
+    prompt_mode: Literal["none", "static", "adaptive", "mix"] = "none"
     # Share of the train split's images held out for the eval loss (never the test split).
     eval_fraction: float = 0.1
     max_eval_rows: Optional[int] = None

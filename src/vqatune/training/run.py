@@ -229,7 +229,7 @@ def _run(s: _Setup) -> TrainResult:
     # the steps (at 896 px ~1.6 s of CPU per batch of 32, benchmarks/collate_bench.py).
     precompute = feature_cache is not None and cfg.precompute_image_features
     collator = AnswerOnlyCollator(processor, cfg.prompt_mode, cfg.padding_side, cfg.max_length,
-                                  image_keys=precompute)
+                                  image_keys=precompute, mix_seed=cfg.seed)
     step_train_ds, step_eval_ds = ((train_ds.remove_columns("image"), eval_ds.remove_columns("image"))
                                    if precompute else (train_ds, eval_ds))
     all_callbacks = [*s.callbacks, freeze_gc_after_warmup()]
