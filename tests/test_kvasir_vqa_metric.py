@@ -47,7 +47,7 @@ def _configurations(predictions_dir: Path) -> dict[str, list[dict]]:
 def _stage_scores(eval_json: dict, name: str) -> dict:
     if name == "majority":
         return eval_json["majority"]
-    model, mode = name.split("_", 1)
+    model, mode = name.rsplit("_", 1)  # base_none, tuned_static, image_ablation_none
     return eval_json[model][mode]
 
 
@@ -67,7 +67,7 @@ def test_module_scores_equal_the_stage_on_its_predictions(metric, stage_run):
     code, out, _ = stage_run
     assert code == 0
     eval_json = json.loads((out / "eval.json").read_text())
-    assert _assert_module_equals_stage(metric, out / "predictions", eval_json) == 7
+    assert _assert_module_equals_stage(metric, out / "predictions", eval_json) == 8
 
 
 def test_module_scores_equal_the_committed_run(metric):
@@ -75,4 +75,4 @@ def test_module_scores_equal_the_committed_run(metric):
     if not any(predictions.glob("*.jsonl")):
         pytest.skip("metrics/predictions is a DVC output: `dvc pull` (or `dvc repro evaluate`) first")
     eval_json = json.loads((REPO / "metrics" / "eval.json").read_text())
-    assert _assert_module_equals_stage(metric, predictions, eval_json) == 7
+    assert _assert_module_equals_stage(metric, predictions, eval_json) == 8

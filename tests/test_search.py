@@ -53,8 +53,9 @@ def quadratic(cfg, seconds=0.0):
 def test_repo_params_tune_section_is_valid_and_small():
     cfg = section(load_params(REPO / "params.yaml"), "tune", TuneConfig)
     assert cfg.storage.startswith("sqlite:///models/tune/")
-    # The embedded search is a few trials on a few dozen rows: a minute or two on CPU.
-    assert cfg.n_trials <= 6 and cfg.train_fraction * cfg.epochs <= 0.1 and cfg.eval_rows <= 32
+    # The embedded search is a few trials on a quarter of the rows (less barely leaves the untrained
+    # loss): a few minutes on CPU.
+    assert cfg.n_trials <= 6 and cfg.train_fraction * cfg.epochs <= 0.25 and cfg.eval_rows <= 32
     assert set(cfg.search_space) == {"learning_rate", "gradient_accumulation_steps", "lora.r",
                                      "lora.alpha", "lora.dropout"}
 
