@@ -42,6 +42,8 @@ def main(model_dir: str, processed_dir: str, work: str) -> None:
     result = run_training(train_cfg, model_dir, processed_dir, work_dir / "adapter",
                           checkpoint_dir=work_dir / "checkpoints", resume=False)
     tensors = load_file(str(work_dir / "adapter" / "adapter_model.safetensors"))
+    # A digest of nothing would compare equal on any CPU: the run must really have trained.
+    assert result.steps == SMALL["max_steps"] and tensors, (result.steps, len(tensors))
     adapter = digest(b"".join(tensors[k].contiguous().view(torch.uint8).numpy().tobytes()
                               for k in sorted(tensors)))
     eval_cfg = dataclasses.replace(section(params, "evaluate", EvaluateConfig), subset_size=8,
