@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..outputs import write_atomic
 
 PROFILES = Path("configs") / "profiles"
 
@@ -85,11 +84,10 @@ def _merge(target, overlay: dict, prefix: str, changed: list[str]) -> None:
 def _float_text(value: float) -> str:
     """Small rates as params.yaml writes them (3.0e-3, not 0.003), so switching back is byte-exact;
     the text always has a dot and a signed exponent, which YAML 1.1 readers take as a float."""
-    if value != 0 and abs(value) < 1e-2:
+    if value != 0 and abs(value) < 1e-2:  # the exponent is negative: 3.000000e-03 -> 3.0e-3
         mantissa, exponent = f"{value:e}".split("e")
         mantissa = mantissa.rstrip("0")
-        text = f"{mantissa}0e{int(exponent):+d}".replace("e+", "e") if mantissa.endswith(".") else \
-            f"{mantissa}e{int(exponent):+d}".replace("e+", "e")
+        text = f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exponent)}"
         if float(text) == value:
             return text
     return repr(value)
@@ -151,10 +149,7 @@ def apply_profile(name: str, params_path: Path = Path("params.yaml"), root: Path
     rt.dump(doc, out)
     validate_params(yaml.safe_load(out.getvalue()))
     if changed:
-        fd, tmp = tempfile.mkstemp(dir=Path(params_path).parent, prefix=".params.", suffix=".yaml")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(out.getvalue())
-        os.replace(tmp, params_path)
+        write_atomic(params_path, out.getvalue())
     return changed
 
 
