@@ -40,14 +40,18 @@ def _four_bit_layers(model):
     return [m for m in model.modules() if isinstance(m, Linear4bit)]
 
 
-@pytest.fixture
-def avx512_bf16_cpu(monkeypatch):
+def simulate_avx512_bf16(monkeypatch) -> None:
     """bitsandbytes sees a CPU with AVX512-BF16: new 4-bit layers turn their packed path on."""
     import bitsandbytes.functional as functional
     import bitsandbytes.nn.modules as modules
 
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr(functional, "has_avx512bf16", lambda: True)
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch):
+    simulate_avx512_bf16(monkeypatch)
 
 
 def _image_inputs(model_dir, n: int = 2):
@@ -84,11 +88,7 @@ def test_4bit_eval_forward_on_an_avx512_bf16_cpu_matches_a_cpu_without_it(tiny_m
         return out
 
     without_feature = logits()
-    import bitsandbytes.functional as functional
-    import bitsandbytes.nn.modules as modules
-
-    monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
-    monkeypatch.setattr(functional, "has_avx512bf16", lambda: True)
+    simulate_avx512_bf16(monkeypatch)
     with_feature = logits()
     assert torch.equal(with_feature, without_feature)
 
@@ -125,11 +125,7 @@ def test_4bit_generation_on_an_avx512_bf16_cpu_matches_a_cpu_without_it(tiny_mod
         return generate_answers(model, processor, messages, images, batch_size=2, max_new_tokens=6)
 
     without_feature = answers()
-    import bitsandbytes.functional as functional
-    import bitsandbytes.nn.modules as modules
-
-    monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
-    monkeypatch.setattr(functional, "has_avx512bf16", lambda: True)
+    simulate_avx512_bf16(monkeypatch)
     assert answers() == without_feature
 
 
