@@ -45,8 +45,11 @@ class Evaluation:
     @property
     def configurations(self) -> list[str]:
         """base_none ... tuned_adaptive, then majority (the order of the plots)."""
-        order = {f"{m}_{p}": i for i, (m, p) in enumerate(
-            (m, p) for m in ("base", "tuned") for p in ("none", "static", "adaptive"))}
+        from ..evaluation.config import MODELS, configuration_name
+        from ..prompts import PROMPT_MODES
+
+        order = {configuration_name(m, p): i for i, (m, p) in enumerate(
+            (m, p) for m in MODELS for p in PROMPT_MODES)}
         return sorted(self.predictions, key=lambda name: (order.get(name, len(order)), name))
 
     def image(self, img_id: str):
