@@ -51,15 +51,17 @@ class CudaMemory:
         return torch.cuda.mem_get_info(self.device)[1]
 
 
-def resolve_batch_size(requested: Union[int, str], device_type: str, probe: Callable[[int], None], *,
+def resolve_batch_size(requested: Union[int, str], device, probe: Callable[[int], None], *,
                        max_memory_gib: Optional[float] = None, memory=None,
                        probe_rows: int = PROBE_ROWS) -> tuple[int, dict]:
-    """(rows per generate call, how it was chosen). ``probe(n)`` generates for ``n`` rows."""
+    """(rows per generate call, how it was chosen). ``device``: the model's (a torch.device or a
+    name); ``probe(n)`` generates for ``n`` rows."""
+    device_type = getattr(device, "type", str(device).split(":")[0])
     if requested != "auto":
         return int(requested), {"batch_size_from": "evaluate.batch_size"}
     if device_type != "cuda":
         return CPU_BATCH, {"batch_size_from": f"auto: {CPU_BATCH} on a CPU"}
-    memory = memory or CudaMemory(None)
+    memory = memory or CudaMemory(device)
     budget = int(max_memory_gib * 2**30) if max_memory_gib else memory.total()
     held = memory.allocated()  # weights, caches, BERTScore's model: there for the whole run
     memory.reset_peak()

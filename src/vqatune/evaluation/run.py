@@ -193,7 +193,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
                                cfg.bertscore_batch_size, device=str(device))
 
     batch_size, batch_info = resolve_batch_size(
-        cfg.batch_size, device.type, _longest_prompts_probe(model, processor, test, images, cfg),
+        cfg.batch_size, device, _longest_prompts_probe(model, processor, test, images, cfg),
         max_memory_gib=cfg.max_memory_gib)
 
     meta = test.select_columns(["img_id", "question", "category", "answer"]).to_list()
@@ -211,51 +211,42 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
             for r, a, s in zip(meta, answers, per_row)]
         return per_row
 
+    def run_configuration(name: str, messages, images_, keys, pixels, adapter) -> tuple[dict, dict]:
+        """Generate, time and score one configuration: (its scores, its scores by category)."""
+        nonlocal total_seconds, total_examples
+        start = time.perf_counter()
+        with adapter:
+            answers = generate_answers(model, processor, messages, images_, batch_size=batch_size,
+                                       max_new_tokens=cfg.max_new_tokens, progress=progress,
+                                       image_keys=keys, pixel_cache=pixels,
+                                       cache_implementation=cfg.cache_implementation, stats=timing)
+        seconds = time.perf_counter() - start
+        total_seconds += seconds
+        total_examples += len(answers)
+        peak, _ = peak_memory(device)
+        per_row = record(name, answers)
+        result = {**mean_scores(per_row), "examples_per_s": round(len(answers) / seconds, 3),
+                  "peak_memory_gib": round(peak, 3)}
+        log.info("%s: exact match %.3f, %.2f examples/s", name, result["exact_match"],
+                 len(answers) / seconds)
+        return result, mean_scores_by(per_row, categories)
+
     # Generation
     for mode in PROMPT_MODES:
         messages = [prompt_messages(m) for m in test[f"messages_{mode}"]]
         for model_name in MODELS:
-            name = configuration_name(model_name, mode)
-            start = time.perf_counter()
             # The base configurations run the same weights with the adapter switched off.
             adapter = model.disable_adapter() if model_name == "base" else contextlib.nullcontext()
-            with adapter:
-                answers = generate_answers(model, processor, messages, images,
-                                           batch_size=batch_size,
-                                           max_new_tokens=cfg.max_new_tokens, progress=progress,
-                                           image_keys=image_keys, pixel_cache=pixel_cache,
-                                           cache_implementation=cfg.cache_implementation, stats=timing)
-            seconds = time.perf_counter() - start
-            total_seconds += seconds
-            total_examples += len(answers)
-            peak, _ = peak_memory(device)
-            per_row = record(name, answers)
-            scores[model_name][mode] = {**mean_scores(per_row),
-                                        "examples_per_s": round(len(answers) / seconds, 3),
-                                        "peak_memory_gib": round(peak, 3)}
-            by_category[model_name][mode] = mean_scores_by(per_row, categories)
-            log.info("%s: exact match %.3f, %.2f examples/s", name,
-                     scores[model_name][mode]["exact_match"], len(answers) / seconds)
+            scores[model_name][mode], by_category[model_name][mode] = run_configuration(
+                configuration_name(model_name, mode), messages, images, image_keys, pixel_cache, adapter)
 
     # The image ablation: the tuned model again (mode none) on blank images of the same sizes.
     # What it loses against tuned/none is what the adapter reads from the pixels.
-    messages = [prompt_messages(m) for m in test["messages_none"]]
     blank = BlankImages(images)
-    start = time.perf_counter()
-    answers = generate_answers(model, processor, messages, blank, batch_size=batch_size,
-                               max_new_tokens=cfg.max_new_tokens, progress=progress,
-                               image_keys=blank.keys(), pixel_cache=ImagePixelCache(),
-                               cache_implementation=cfg.cache_implementation, stats=timing)
-    seconds = time.perf_counter() - start
-    total_seconds += seconds
-    total_examples += len(answers)
-    per_row = record(configuration_name(ABLATION, "none"), answers)
-    scores[ABLATION] = {"none": {**mean_scores(per_row),
-                                 "examples_per_s": round(len(answers) / seconds, 3),
-                                 "peak_memory_gib": round(peak_memory(device)[0], 3)}}
-    by_category[ABLATION] = {"none": mean_scores_by(per_row, categories)}
-    log.info("%s: exact match %.3f", configuration_name(ABLATION, "none"),
-             scores[ABLATION]["none"]["exact_match"])
+    ablation, ablation_by_category = run_configuration(
+        configuration_name(ABLATION, "none"), [prompt_messages(m) for m in test["messages_none"]], blank,
+        blank.keys(), ImagePixelCache(), contextlib.nullcontext())
+    scores[ABLATION], by_category[ABLATION] = {"none": ablation}, {"none": ablation_by_category}
 
     # The majority-answer baseline, scored the same way
     answers, unseen = majority_predictions(splits["train"]["question"], splits["train"]["answer"],
