@@ -19,7 +19,7 @@ from vqatune.config import ConfigError, load_params, section
 from vqatune.export.converter import ConverterError
 from vqatune.export.agreement import NOT_IMPORTABLE, llama_cpp_python, not_measured
 from vqatune.export.gguf import ExportConfig, ExportError, export_gguf
-from vqatune.outputs import write_metrics
+from vqatune.outputs import disk_full, write_metrics
 from vqatune.prompts import PromptsConfig
 from vqatune.provenance import record
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         stats = export_gguf(args.merged, args.out, cfg, prompts.static)
     except (ConfigError, ConverterError, ExportError) as err:
+        if disk_full(err) is not None:
+            raise  # the converter ran out of space: exit_on_disk_full's one line, exit 1
         print(f"export: {err}", file=sys.stderr)
         return 2
     stats["seconds"] = round(time.perf_counter() - start, 1)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, as_dict, load_params, section
 from vqatune.models.metadata import write_training_metadata
-from vqatune.outputs import write_metrics
+from vqatune.outputs import replace_dir, write_metrics
 from vqatune.provenance import environment, record
 from vqatune.training import distributed
 from vqatune.training.card import model_card
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                     inputs=[args.model, args.data, args.best_params])}
     _write_card(tmp, model_cfg, train_cfg, metrics, source, partial=False)
     write_curves(result.log_history, args.plots)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out, "train")
     write_metrics(args.metrics, metrics)
     print(f"train: {result.steps} steps, {result.epochs} epochs in {result.seconds} s "
           f"({result.examples_per_s} examples/s, peak {result.peak_memory_gib} GiB, {result.device}, "

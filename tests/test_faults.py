@@ -472,3 +472,84 @@ def test_merge_on_a_full_disk_fails_in_one_line_and_leaves_no_output(tiny_model_
                                             str(REPO / "params.yaml")], 64 * 1024, tmp_path)
     assert str(out) in assert_one_line_disk_error(proc, "merge")
     assert not out.exists() and not metrics.exists()
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_model_dir, tmp_path_factory):
+    """A merged model (the tiny model with a perturbed adapter fused in) for the export tests."""
+    from conftest_adapters import make_perturbed_adapter
+
+    from vqatune.export.merge import MergeConfig, merge_adapter
+
+    work = tmp_path_factory.mktemp("merged")
+    adapter = make_perturbed_adapter(tiny_model_dir, work / "adapter")
+    merge_adapter(tiny_model_dir, adapter, work / "merged", MergeConfig(dtype="float32", verify=False))
+    return work / "merged"
+
+
+def test_export_on_a_full_disk_fails_in_one_line_and_leaves_no_output(merged_dir, tmp_path):
+    from vqatune.export.converter import install_converter
+
+    install_converter()  # before the limit: unpacking the converter writes files too
+    out, metrics = tmp_path / "gguf", tmp_path / "export.json"
+    proc = run_with_disk_limit("export.py", ["--merged", str(merged_dir), "--out", str(out), "--metrics",
+                                             str(metrics), "--params", str(REPO / "params.yaml")],
+                               256 * 1024, tmp_path)
+    line = assert_one_line_disk_error(proc, "export")
+    assert str(out) in line or f".{out.name}.partial" in line, line
+    assert not out.exists() and not metrics.exists()
+
+
+# --------------------------------------------------------------------------------------
+# 6. SIGKILL while prepare, merge or export writes its output; then the stage again
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_params(tmp_path_factory) -> Path:
+    """params.yaml with prepare shrunk to 12 synthetic images and export's GGUF reload check off
+    (seconds, not minutes)."""
+    import yaml
+
+    params = good_params()
+    params["prepare"]["synthetic_images"] = 12
+    params["export"]["verify"] = False
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tiny_model_dir, merged_dir, small_params) -> dict:
+    """Each killable stage's argv but --out and --metrics."""
+    adapter = merged_dir.parent / "adapter"
+    return {"prepare": ["--params", str(small_params)],
+            "merge": ["--base", str(tiny_model_dir), "--adapter", str(adapter), "--params", str(small_params)],
+            "export": ["--merged", str(merged_dir), "--params", str(small_params)]}
+
+
+@pytest.mark.parametrize("stage", ["prepare", "merge", "export"])
+def test_sigkill_while_a_stage_writes_its_output_leaves_nothing_done_and_the_rerun_matches(
+        stage, stage_inputs, tmp_path):
+    from conftest_metrics import without_run_measures
+    from conftest_stages import load_stage
+
+    from vqatune.provenance import fingerprint
+
+    out, metrics = tmp_path / "out", tmp_path / "metrics.json"
+    argv = [*stage_inputs[stage], "--out", str(out), "--metrics", str(metrics)]
+    # The uninterrupted run, moved aside: the others write to the same paths (the metrics name them).
+    assert load_stage(stage).main(argv) == 0
+    whole = fingerprint(out), without_run_measures(json.loads(metrics.read_text()))
+    shutil.rmtree(out), metrics.unlink()
+
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), *argv], cwd=tmp_path,
+                          env=child_env(VQATUNE_FAULT=f"{stage}-write"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and not metrics.exists()   # nothing DVC would take as done
+    (staging,) = [p for p in tmp_path.iterdir() if p.name not in ("out", "metrics.json")]
+    assert staging.name in ("out.tmp", ".out.partial"), staging  # the half-written staging folder
+
+    assert load_stage(stage).main(argv) == 0           # the rerun
+    assert not staging.exists()
+    assert (fingerprint(out), without_run_measures(json.loads(metrics.read_text()))) == whole

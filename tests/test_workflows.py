@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest_metrics import without_run_measures
 from vqatune.provenance import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,15 +49,6 @@ SMALL = {
     ("evaluate", "subset_size"): 24,
 }
 AFTER_BASE = {"prepare", "tune", "train", "evaluate", "merge", "export"}
-
-# Keys (at any depth of a metrics file) that measure the run rather than its result: wall time,
-# speed and memory. Everything else, the provenance block included, must repeat exactly.
-RUN_MEASURES = {
-    "seconds", "examples_per_s", "rows_per_s", "peak_memory_gib",       # prepare, train, evaluate
-    "trial_seconds_mean", "rss_mib_first_trial", "rss_mib_last_trial", "rss_mib_max",  # tune
-    "encode_wait_s", "encode_thread_s", "transfer_s", "generate_s", "decode_s", "total_s",  # eval timing
-}
-
 
 @dataclasses.dataclass
 class Pipeline:
@@ -252,16 +244,10 @@ def test_every_stage_records_its_provenance(pipeline):
 
 # -- 6. Deterministic ----------------------------------------------------------------------
 
-def _without_run_measures(tree):
-    if isinstance(tree, dict):
-        return {k: _without_run_measures(v) for k, v in tree.items() if k not in RUN_MEASURES}
-    return tree
-
-
 def _results(clone: Path) -> tuple[dict, dict, str]:
-    """(every metrics file less RUN_MEASURES, md5 of every cached DVC output, adapter sha256)."""
+    """(every metrics file less its run measures, md5 of every cached DVC output, adapter sha256)."""
     stages = stage_specs(clone)
-    metrics = {_name(m): _without_run_measures(json.loads((clone / _name(m)).read_text()))
+    metrics = {_name(m): without_run_measures(json.loads((clone / _name(m)).read_text()))
                for stage in stages.values() for m in stage.get("metrics", [])}
     lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
     uncached = {_name(o) for stage in stages.values() for group in ("outs", "metrics", "plots")

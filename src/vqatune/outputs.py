@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,10 +54,27 @@ def write_metrics(path: str | Path, metrics: dict) -> Path:
     return write_json(path, metrics)
 
 
+def replace_dir(staging: str | Path, out_dir: str | Path, stage: str) -> Path:
+    """Move a finished staging folder (a sibling of ``out_dir``) into place, replacing an older
+    ``out_dir``. Killed before the rename, a stage leaves only the staging folder, which its rerun
+    deletes; killed between the removal and the rename, no ``out_dir``: DVC reruns the stage either
+    way. ``stage``: the name of the fault point here (``faults.staging_fault_point``)."""
+    from .faults import staging_fault_point
+
+    staging, out_dir = Path(staging), Path(out_dir)
+    staging_fault_point(stage, staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
+    return out_dir
+
+
 # errno of a full disk, a full quota, and a file over RLIMIT_FSIZE (how the tests fill the disk).
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
-# What libraries say when they swallow the OSError (torch's zip writer, arrow).
-DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "file write failed")
+# What libraries say when they swallow the OSError (torch's zip writer, arrow, and numpy's
+# ndarray.tofile on a short write, which the GGUF converter reports).
+DISK_FULL_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "file write failed",
+                  " requested and ")
 
 
 def disk_full(err: BaseException, writing: str = "a file") -> str | None:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError, PrepareConfig
+from ..outputs import replace_dir
 from ..prompts import PROMPT_MODES, PromptsConfig, build_messages, question_category
 from .kvasir import QUESTION_TYPE
 from .sources import ESCAPING_PATH, MISSING_FILE, load_source
@@ -225,8 +226,7 @@ def prepare_dataset(cfg: PrepareConfig, prompts: PromptsConfig, out_dir: str | P
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     result.save_to_disk(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir, "prepare")
 
     seconds = time.perf_counter() - start
     return {

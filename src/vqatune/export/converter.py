@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -137,11 +138,17 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16", *, mmproj: boo
     log.info("converting: %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not Path(outfile).exists():
-        lines = [ln for ln in (result.stderr + result.stdout).splitlines() if ln.strip()]
-        reason = lines[-1] if lines else f"exit code {result.returncode}"
-        raise ConverterError(f"convert_hf_to_gguf.py {'--mmproj ' if mmproj else ''}on {model_dir} "
-                             f"failed: {reason}")
+        raise ConverterError(f"convert_hf_to_gguf.py {'--mmproj ' if mmproj else ''}on {model_dir} -> "
+                             f"{outfile} failed: {failure_reason(result)}")
     return Path(outfile)
+
+
+def failure_reason(result: subprocess.CompletedProcess) -> str:
+    """The converter's exception line (its progress bar, redrawn with carriage returns, often
+    comes after it), else its last line of output, else its exit code."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]", result.stderr + result.stdout) if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"[\w.]*(Error|Exception)\b", ln)]
+    return (errors or lines or [f"exit code {result.returncode}"])[-1]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

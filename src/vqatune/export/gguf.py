@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import require
+from ..outputs import replace_dir
 from .converter import convert
 from .merge import ORIGINAL_PREFIXES, PROBE_QUESTION, layout_problems, tensor_names
 
@@ -309,7 +310,5 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, 
             raise ExportError(f"{text_path.name}: logits differ from the merged model's by {diff:.3g} "
                               f"(largest {scale:.3g}, export.verify_rtol {cfg.verify_rtol})")
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    replace_dir(staging, out_dir, "export")
     return metrics

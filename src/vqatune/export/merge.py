@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import require
+from ..outputs import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,6 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     if problems:
         raise MergeError(f"merged tensor {problems[0]!r} (and {len(problems) - 1} more) is not in the "
                          f"layout llama.cpp's converter reads ({', '.join(ORIGINAL_PREFIXES)})")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
+    replace_dir(staging, out_dir, "merge")
     metrics["tensors"] = len(tensor_names(out_dir))
     return metrics

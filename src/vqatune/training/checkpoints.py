@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import signal
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -23,9 +21,6 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 PARTIAL_MARKER = "PARTIAL"
-# Fault injection for the fault tests: VQATUNE_FAULT=checkpoint-write:<step> makes the process
-# SIGKILL itself while it writes that step's checkpoint (see ``fault_armed``).
-FAULT_ENV = "VQATUNE_FAULT"
 # Without these the trainer would resume with a fresh optimizer or schedule: not the same run.
 REQUIRED_TORCH_FILES = ("optimizer.pt", "scheduler.pt")
 # The module whose import closure is the code a run executes: its files (and only those: not
@@ -44,22 +39,6 @@ def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) ->
         "max_train_rows": max_train_rows,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def fault_armed(point: str, step: int) -> bool:
-    """True when ``VQATUNE_FAULT`` is ``<point>:<step>``: one environment lookup, nothing else."""
-    return os.environ.get(FAULT_ENV) == f"{point}:{step}"
-
-
-def kill_mid_write(path: str | Path) -> None:
-    """What SIGKILL during the write of ``path`` leaves: the first half of its bytes, then no process."""
-    path = Path(path)
-    data = path.read_bytes()
-    with path.open("r+b") as fh:
-        fh.truncate(len(data) // 2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _check_safetensors(path: Path) -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
+from ..faults import fault_armed, kill_mid_write
 from . import distributed
-from .checkpoints import fault_armed, kill_mid_write
 from .config import TrainConfig
 
 

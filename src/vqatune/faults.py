@@ -1,0 +1,52 @@
+"""Fault points for the fault tests (tests/test_faults.py): ``VQATUNE_FAULT`` names one place
+where the process dies, or waits, as a real fault would make it. Unset (always, outside the
+tests) a fault point costs one ``os.environ`` lookup.
+
+    VQATUNE_FAULT=checkpoint-write:<step>   SIGKILL while that step's checkpoint is written
+    VQATUNE_FAULT=<stage>-write             SIGKILL while the stage's staging folder is half
+                                            written (prepare, train, merge, export: just before
+                                            ``outputs.replace_dir`` renames it into place)
+    VQATUNE_FAULT=pause-<stage>-write:<file> wait there until <file> exists (a slow stage,
+                                            without sleeps: tests hold a `dvc repro` mid-stage)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+FAULT_ENV = "VQATUNE_FAULT"
+
+
+def fault_armed(point: str, step: int) -> bool:
+    """True when ``VQATUNE_FAULT`` is ``<point>:<step>``: one environment lookup, nothing else."""
+    return os.environ.get(FAULT_ENV) == f"{point}:{step}"
+
+
+def kill_mid_write(path: str | Path) -> None:
+    """What SIGKILL during the write of ``path`` leaves: the first half of its bytes, then no process."""
+    path = Path(path)
+    data = path.read_bytes()
+    with path.open("r+b") as fh:
+        fh.truncate(len(data) // 2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def staging_fault_point(stage: str, staging: Path) -> None:
+    """The fault point of a stage's output writes, just before ``staging`` is renamed into place:
+    ``<stage>-write`` dies with the largest file of ``staging`` half written (what a kill during
+    the write leaves); ``pause-<stage>-write:<file>`` waits until ``<file>`` exists."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault is None:
+        return
+    point = f"{stage}-write"
+    if fault == point:
+        files = [p for p in Path(staging).rglob("*") if p.is_file()]
+        kill_mid_write(max(files, key=lambda p: p.stat().st_size))
+    elif fault.startswith(f"pause-{point}:"):
+        release = Path(fault.split(":", 1)[1])
+        while not release.exists():
+            time.sleep(0.05)
