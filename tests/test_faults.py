@@ -553,3 +553,127 @@ def test_sigkill_while_a_stage_writes_its_output_leaves_nothing_done_and_the_rer
     assert load_stage(stage).main(argv) == 0           # the rerun
     assert not staging.exists()
     assert (fingerprint(out), without_run_measures(json.loads(metrics.read_text()))) == whole
+
+
+# --------------------------------------------------------------------------------------
+# 7. DVC: two `dvc repro` in one checkout; a corrupt object in .dvc/cache
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dvc_clone(tmp_path_factory) -> tuple[Path, dict]:
+    """A clone of this working tree with prepare shrunk to 12 images and a local-folder remote."""
+    import yaml
+
+    from conftest_dvc import clone_working_tree, dvc_env
+
+    root = tmp_path_factory.mktemp("dvc")
+    env = {**dvc_env(), **child_env()}
+    clone = clone_working_tree(root / "clone", env)
+    env["PYTHONPATH"] = str(clone / "src")  # the stages run the clone's code
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["prepare"]["synthetic_images"] = 12
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["dvc", "remote", "modify", "--local", "backup", "url", str(root / "remote")],
+                ["git", "commit", "-qam", "small prepare"]):
+        subprocess.run(cmd, cwd=clone, env=env, check=True, capture_output=True)
+    return clone, env
+
+
+def dvc(clone: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["dvc", *args], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def test_a_second_dvc_repro_is_refused_by_the_lock_and_the_first_is_unharmed(dvc_clone, tmp_path):
+    import time
+
+    from vqatune.provenance import fingerprint
+
+    clone, env = dvc_clone
+    release = tmp_path / "release"
+    first = subprocess.Popen(["dvc", "repro", "prepare"], cwd=clone, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env={**env, "VQATUNE_FAULT": f"pause-prepare-write:{release}"})
+    try:
+        deadline = time.monotonic() + 300
+        while not release.with_name("release.waiting").exists():  # held just before its rename
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-2000:]
+            time.sleep(0.1)
+        second = dvc(clone, env, "repro", "prepare", check=False)
+        assert second.returncode != 0
+        # DVC's read-write lock on the stage's outputs names the process holding them.
+        assert "is busy, it is being blocked by" in second.stderr and f"(PID {first.pid})" in second.stderr, \
+            second.stderr
+        assert "Running stage" not in second.stdout
+    finally:
+        release.touch()
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-2000:]
+    assert "Running stage 'prepare'" in out
+    # Unharmed: its outputs are the lock's, and a stage run outside DVC writes the same data.
+    assert "Data and pipelines are up to date" in dvc(clone, env, "status", "prepare").stdout
+    from conftest_stages import load_stage
+
+    assert load_stage("prepare").main(["--params", str(clone / "params.yaml"), "--out", str(tmp_path / "processed"),
+                                       "--metrics", str(tmp_path / "prepare.json")]) == 0
+    assert fingerprint(clone / "data/processed") == fingerprint(tmp_path / "processed")
+
+
+def _largest_cached_file(clone: Path, out: str) -> Path:
+    """The cache object of the largest file of a DVC output folder (from dvc.lock and its .dir)."""
+    import yaml
+
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    dir_md5 = next(o["md5"] for s in lock.values() for o in s.get("outs", []) if o["path"] == out)
+    md5 = Path(clone / ".dvc/cache/files/md5")
+    objects = [md5 / e["md5"][:2] / e["md5"][2:] for e in json.loads((md5 / dir_md5[:2] / dir_md5[2:]).read_text())]
+    return max(objects, key=lambda p: p.stat().st_size)
+
+
+def _damage(obj: Path, keep_stat: bool) -> None:
+    """Overwrite 64 bytes in the middle: like a tool writing through (the file made writable, a
+    new mtime) or, ``keep_stat``, like bit rot (mode and mtime as they were)."""
+    st = obj.stat()
+    obj.chmod(0o644)
+    with obj.open("r+b") as fh:
+        fh.seek(st.st_size // 2)
+        fh.write(os.urandom(64))
+    if keep_stat:
+        os.utime(obj, ns=(st.st_atime_ns, st.st_mtime_ns))
+        obj.chmod(st.st_mode)
+
+
+def test_a_corrupt_dvc_cache_object_is_fetched_again_from_the_remote(dvc_clone):
+    from vqatune.dvc_cache import corrupt_objects
+    from vqatune.dvc_cache import main as check_cache
+    from vqatune.provenance import fingerprint
+
+    clone, env = dvc_clone
+    dvc(clone, env, "repro", "prepare")  # (up to date when the lock test ran first)
+    dvc(clone, env, "push", "prepare")
+    good = fingerprint(clone / "data/processed")
+    obj = _largest_cached_file(clone, "data/processed")
+
+    # Written through: DVC re-hashes the object, deletes it and `dvc pull` fetches it again.
+    _damage(obj, keep_stat=False)
+    shutil.rmtree(clone / "data/processed")
+    pulled = dvc(clone, env, "pull", "prepare")
+    assert "1 file fetched" in pulled.stdout, pulled.stdout
+    assert fingerprint(clone / "data/processed") == good and corrupt_objects(clone / ".dvc/cache") == []
+
+    # Bit rot (mode and mtime kept): no DVC command notices; `dvc pull` would check the damage
+    # out. vqatune.dvc_cache finds it, removes it, and `dvc fetch` + `dvc checkout` recover.
+    _damage(obj, keep_stat=True)
+    assert "Data and pipelines are up to date" in dvc(clone, env, "status", "prepare").stdout
+    assert corrupt_objects(clone / ".dvc/cache") == [obj]
+    cwd = os.getcwd()
+    os.chdir(clone)
+    try:
+        assert check_cache(["--remove"]) == 1 and not obj.exists()
+    finally:
+        os.chdir(cwd)
+    assert "1 file fetched" in dvc(clone, env, "fetch", "prepare").stdout
+    shutil.rmtree(clone / "data/processed")
+    dvc(clone, env, "checkout", "prepare")
+    assert fingerprint(clone / "data/processed") == good and corrupt_objects(clone / ".dvc/cache") == []

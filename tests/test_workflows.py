@@ -20,23 +20,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest_dvc import clone_working_tree, dvc_env
 from conftest_metrics import without_run_measures
 from vqatune.provenance import fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.workflow
 
 SMALL = {
@@ -100,12 +97,8 @@ def revert_params_and_restore(clone: Path, env, changed: set[str]) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env = dvc_env()
     env["VQATUNE_TRACE"] = str(tmp_path_factory.mktemp("trace") / "trace.jsonl")
-    env.setdefault("GIT_AUTHOR_NAME", "vqatune test")
-    env.setdefault("GIT_AUTHOR_EMAIL", "test@vqatune.invalid")
-    env["GIT_COMMITTER_NAME"], env["GIT_COMMITTER_EMAIL"] = env["GIT_AUTHOR_NAME"], env["GIT_AUTHOR_EMAIL"]
     return env
 
 
@@ -114,16 +107,7 @@ def pipeline(tmp_path_factory, env):
     """A clone of this working tree (uncommitted changes included), shrunk params, one repro,
     committed."""
     root = tmp_path_factory.mktemp("workflow")
-    clone, remote = root / "a", root / "remote"
-    run(["git", "clone", "-q", str(REPO), str(clone)], root, env)
-    for rel in run(["git", "ls-files"], REPO, env).splitlines():
-        src = REPO / rel
-        if src.is_file():
-            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, clone / rel)
-    # DVC experiments commit through their own git library, which reads the config, not GIT_* vars.
-    run(["git", "config", "user.name", env["GIT_AUTHOR_NAME"]], clone, env)
-    run(["git", "config", "user.email", env["GIT_AUTHOR_EMAIL"]], clone, env)
+    clone, remote = clone_working_tree(root / "a", env), root / "remote"
     set_params(clone / "params.yaml", SMALL)
     run(["dvc", "remote", "modify", "--local", "backup", "url", str(remote)], clone, env)
     commit(clone, env, "small params")

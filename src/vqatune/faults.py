@@ -6,8 +6,9 @@ tests) a fault point costs one ``os.environ`` lookup.
     VQATUNE_FAULT=<stage>-write             SIGKILL while the stage's staging folder is half
                                             written (prepare, train, merge, export: just before
                                             ``outputs.replace_dir`` renames it into place)
-    VQATUNE_FAULT=pause-<stage>-write:<file> wait there until <file> exists (a slow stage,
-                                            without sleeps: tests hold a `dvc repro` mid-stage)
+    VQATUNE_FAULT=pause-<stage>-write:<file> there, create <file>.waiting and wait until <file>
+                                            exists (a slow stage without sleeps: tests hold a
+                                            `dvc repro` mid-stage)
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def kill_mid_write(path: str | Path) -> None:
 def staging_fault_point(stage: str, staging: Path) -> None:
     """The fault point of a stage's output writes, just before ``staging`` is renamed into place:
     ``<stage>-write`` dies with the largest file of ``staging`` half written (what a kill during
-    the write leaves); ``pause-<stage>-write:<file>`` waits until ``<file>`` exists."""
+    the write leaves); ``pause-<stage>-write:<file>`` creates ``<file>.waiting`` and waits until
+    ``<file>`` exists."""
     fault = os.environ.get(FAULT_ENV)
     if fault is None:
         return
@@ -48,5 +50,6 @@ def staging_fault_point(stage: str, staging: Path) -> None:
         kill_mid_write(max(files, key=lambda p: p.stat().st_size))
     elif fault.startswith(f"pause-{point}:"):
         release = Path(fault.split(":", 1)[1])
+        release.with_name(release.name + ".waiting").touch()
         while not release.exists():
             time.sleep(0.05)
