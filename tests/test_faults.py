@@ -677,3 +677,47 @@ def test_a_corrupt_dvc_cache_object_is_fetched_again_from_the_remote(dvc_clone):
     shutil.rmtree(clone / "data/processed")
     dvc(clone, env, "checkout", "prepare")
     assert fingerprint(clone / "data/processed") == good and corrupt_objects(clone / ".dvc/cache") == []
+
+
+# --------------------------------------------------------------------------------------
+# 8. A search worker SIGKILLed mid-trial on a PostgreSQL study (another machine's worker)
+# --------------------------------------------------------------------------------------
+
+def test_a_dead_workers_trial_on_postgresql_is_run_again_after_the_heartbeat_grace(tmp_path, postgres_url):
+    import datetime
+    import time
+
+    import optuna
+
+    from conftest_search import finish, start_worker
+
+    from vqatune.config import build
+    from vqatune.search.config import TuneConfig
+    from vqatune.search.study import open_study
+    from vqatune.search.workers import trial_counts
+
+    grace = 3
+    open_study(build(TuneConfig, {"storage": postgres_url}, "tune"), "shared")
+    # On another machine: this host cannot see its pid die, only its heartbeat stop.
+    dead = start_worker(tmp_path, postgres_url, 3, 600, 0, grace_seconds=grace, host="elsewhere")
+    deadline = time.monotonic() + 120
+    while not optuna.load_study(study_name="shared", storage=postgres_url).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        assert dead.poll() is None and time.monotonic() < deadline, "the worker never started a trial"
+        time.sleep(0.2)
+    dead.kill()
+    dead.wait()
+    killed_at = datetime.datetime.now()
+
+    alive = start_worker(tmp_path, postgres_url, 3, 0.1, 1, grace_seconds=grace)
+    finish(alive)
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    (abandoned,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert abandoned.user_attrs["worker"]["host"] == "elsewhere"
+    assert "fail_reason" not in abandoned.user_attrs  # failed by its stale heartbeat, not by pid
+    assert (abandoned.datetime_complete - killed_at).total_seconds() >= grace - 1  # (1 s: the last beat)
+    counts = trial_counts(study)
+    assert counts["complete"] == 3 and counts["abandoned"] == 1 and counts["failed"] == counts["running"] == 0
+    # Its slot ran again on the live worker, after it was failed.
+    rerun = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.datetime_start)
+    assert rerun.user_attrs["worker"]["pid"] == alive.pid and rerun.datetime_start >= abandoned.datetime_complete

@@ -8,10 +8,7 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,6 +21,8 @@ from vqatune.search.objective import study_name_for, training_objective
 from vqatune.search.study import open_study, run_search, suggest
 from vqatune.search.workers import SearchError, trial_counts
 from vqatune.search.report import best_params_record, search_metrics
+
+from conftest_search import finish, start_worker
 
 REPO = Path(__file__).resolve().parents[1]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -198,39 +197,6 @@ def test_ctrl_c_stops_the_worker_and_the_trial_is_abandoned_not_failed(tmp_path)
     assert trial_counts(run_search(cfg, "interrupted", good))["complete"] == 3
 
 
-WORKER = textwrap.dedent("""
-    import sys, time
-    from vqatune.config import build
-    from vqatune.search.config import TuneConfig
-    from vqatune.search.study import run_search, suggest
-
-    storage, n_trials, seconds, worker, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    cfg = build(TuneConfig, {"storage": storage, "n_trials": n_trials, "sampler": "random",
-                             "pruner": "none", "heartbeat_seconds": 1, "grace_seconds": grace}, "tune")
-
-    def objective(trial):
-        params = suggest(trial, cfg.search_space)
-        time.sleep(seconds)
-        return params["learning_rate"]
-
-    run_search(cfg, "shared", objective, worker=worker)
-""")
-
-
-def start_worker(tmp_path, storage, n_trials, seconds, worker, grace_seconds=3):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    return subprocess.Popen([sys.executable, str(script), storage, str(n_trials), str(seconds), str(worker),
-                             str(grace_seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc, timeout=120):
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
-
-
 def assert_exactly_shared(storage, n_trials, workers):
     study = optuna.load_study(study_name="shared", storage=storage)
     counts = trial_counts(study)
@@ -287,58 +253,8 @@ def test_a_killed_search_resumes_keeping_finished_trials_and_runs_only_the_rest(
 
 
 # --------------------------------------------------------------------------------------
-# A real PostgreSQL server, started here: what workers on several machines would share
+# A real PostgreSQL server (conftest.postgres_url): what workers on several machines would share
 # --------------------------------------------------------------------------------------
-
-def _postgres_bin(name: str):
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL cluster on a unix socket (no TCP), stopped and deleted after."""
-    pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed (see requirements.txt)")
-    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries not found; install Debian's postgresql (.ci/run does)")
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run the cluster as Debian's postgres user.
-        import pwd
-
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    # Not under pytest's tmp_path: its parents are private to root, and the server needs the way in.
-    root = Path(tempfile.mkdtemp(prefix="vqatune-pg-"))
-    data, sockets = root / "data", root / "sockets"
-    sockets.mkdir()
-    if as_user:
-        for path in (root, sockets):
-            os.chown(path, user.pw_uid, user.pw_gid)
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    try:
-        run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
-        with (data / "postgresql.conf").open("a") as conf:
-            conf.write(f"listen_addresses = ''\nunix_socket_directories = '{sockets}'\n"
-                       "port = 5432\nfsync = off\nmax_connections = 40\n")
-        run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "start")
-    except subprocess.CalledProcessError as err:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"could not start PostgreSQL: {err.stderr or err.stdout}")
-    try:
-        yield f"postgresql+psycopg2://postgres@/postgres?host={sockets}&port=5432"
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
 
 def test_two_workers_share_a_study_on_a_real_postgresql_server(tmp_path, postgres_url):
     cfg = build(TuneConfig, {"storage": postgres_url}, "tune")
