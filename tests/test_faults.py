@@ -336,9 +336,16 @@ def test_ask_batch_refuses_image_paths_leaving_its_folder(ask_dir, tiny_model_di
 # 4. Bad input to `vqatune ask`: a clear one-line error (single) or a row error (batch)
 # --------------------------------------------------------------------------------------
 
+def error_lines(stderr: str) -> list[str]:
+    """stderr without transformers' progress bars (loading the weights draws one)."""
+    import re
+
+    return [line for line in re.split(r"[\r\n]", stderr) if line.strip() and "it/s]" not in line]
+
+
 BAD_QUESTIONS = [
     ("whitespace", " \t\n ", "the question is empty"),
-    ("100k characters", "How many polyps? " * 6000, "at most 2000 are accepted"),
+    ("100k characters", "How many polyps? " * 6000, "the model's context is 2048 tokens"),
     ("NUL", "How many\x00 polyps?", "control character '\\x00'"),
     ("escape sequence", "How many \x1b[2J polyps?", "control character '\\x1b'"),
 ]
@@ -349,7 +356,7 @@ def test_a_bad_question_is_one_line_with_its_exit_code(case, question, message, 
     from vqatune.cli.ask import EXIT_QUESTION
 
     code, out, err = ask(capsys, tiny_model_dir, "--image", str(ask_dir / "a.png"), "--question", question)
-    assert code == EXIT_QUESTION and out == "" and err.count("\n") == 1 and message in err, err
+    assert code == EXIT_QUESTION and out == "" and len(error_lines(err)) == 1 and message in err, err
     assert "Traceback" not in err
 
 
@@ -388,7 +395,7 @@ def test_a_batch_answers_its_good_rows_around_bad_input(ask_dir, tiny_model_dir,
     assert code == EXIT_ROWS and "2 of 6 rows answered, 4 with an error" in err and "Traceback" not in err
     assert [r["id"] for r in got] == [r[0] for r in rows]
     assert [r["answer"] is not None for r in got] == [True, False, False, False, False, True]
-    assert "empty" in got[1]["error"] and "at most 2000" in got[2]["error"]
+    assert "empty" in got[1]["error"] and "the model's context is 2048 tokens" in got[2]["error"]
     assert "control character" in got[3]["error"] and "undecodable" in got[4]["error"]
 
 
@@ -721,3 +728,106 @@ def test_a_dead_workers_trial_on_postgresql_is_run_again_after_the_heartbeat_gra
     # Its slot ran again on the live worker, after it was failed.
     rerun = max((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.datetime_start)
     assert rerun.user_attrs["worker"]["pid"] == alive.pid and rerun.datetime_start >= abandoned.datetime_complete
+
+
+def test_a_question_is_limited_by_the_models_context_in_tokens(ask_dir, tiny_model_dir, capsys):
+    """Refused exactly when prompt + image + question + answer tokens exceed the context (the tiny
+    model's 2048): the longest question that fits is answered, one word more is refused."""
+    import re
+
+    from vqatune.cli.ask import EXIT_QUESTION
+
+    def asked(words: int):
+        return ask(capsys, tiny_model_dir, "--image", str(ask_dir / "a.png"), "--question", "polyp " * words)
+
+    code, _, err = asked(5000)
+    assert code == EXIT_QUESTION and len(error_lines(err)) == 1, err
+    question, room = map(int, re.search(r"the question is (\d+) tokens; .* leaves (\d+) for the question", err).groups())
+    assert question > room > 1000  # thousands of characters fit: the old 2000-character cap is gone
+    per_word = question / 5000
+    fits = int(room / per_word)
+    code, out, err = asked(fits)
+    assert code == 0 and out.strip() and error_lines(err) == [], err
+    code, _, err = asked(fits + 1)
+    assert code == EXIT_QUESTION and f"leaves {room} for the question" in err, err
+
+
+# --------------------------------------------------------------------------------------
+# 9. Damaged inputs to evaluate and ask: one line naming the file and how to restore it
+# --------------------------------------------------------------------------------------
+
+DAMAGED_MODEL = [  # (folder, file, damage, what the line says)
+    ("base", "config.json", lambda p: p.write_text('{"model_type": "gem'), "config.json is damaged"),
+    ("base", "model.safetensors", _truncate, "model.safetensors is damaged"),
+    ("adapter", "adapter_model.safetensors", _garbage, "adapter_model.safetensors is damaged"),
+    ("adapter", "adapter_config.json", _truncate, "adapter_config.json is damaged"),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(merged_dir) -> Path:
+    return merged_dir.parent / "adapter"
+
+
+def _damaged_copy(folder: Path, file: str, damage, dest: Path) -> Path:
+    shutil.copytree(folder, dest)
+    damage(dest / file)
+    return dest
+
+
+@pytest.mark.parametrize("which, file, damage, message", DAMAGED_MODEL, ids=[f"{w}-{f}" for w, f, *_ in DAMAGED_MODEL])
+def test_ask_on_a_damaged_model_or_adapter_is_one_line_naming_the_file(
+        which, file, damage, message, ask_dir, tiny_model_dir, adapter_dir, tmp_path, capsys):
+    from vqatune.cli.ask import EXIT_MODEL
+    from vqatune.cli.main import main
+
+    base, adapter = tiny_model_dir, adapter_dir
+    if which == "base":
+        base = _damaged_copy(tiny_model_dir, file, damage, tmp_path / "base")
+    else:
+        adapter = _damaged_copy(adapter_dir, file, damage, tmp_path / "adapter")
+    code = main(["ask", "--params", str(REPO / "params.yaml"), "--base", str(base), "--adapter", str(adapter),
+                 "--image", str(ask_dir / "a.png"), "--question", "How many polyps?", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == EXIT_MODEL and len(error_lines(err)) == 1 and "Traceback" not in err, err
+    folder = base if which == "base" else adapter
+    assert message in err and str(folder / file) in err and f"dvc checkout --force {folder}" in err, err
+
+
+DAMAGED_DATA = [  # (file of data/processed, damage)
+    ("test/data-00000-of-00001.arrow", _truncate),
+    ("train/data-00000-of-00001.arrow", _garbage),
+    ("test/state.json", _truncate),
+    ("dataset_dict.json", _delete),
+]
+
+
+@pytest.mark.parametrize("file, damage", DAMAGED_DATA, ids=[f"{f}-{d.__name__[1:]}" for f, d in DAMAGED_DATA])
+def test_evaluate_on_damaged_inputs_is_one_line_naming_the_folder(
+        file, damage, tiny_model_dir, adapter_dir, processed_dir, tmp_path, capsys):
+    from conftest_stages import load_stage
+
+    data = _damaged_copy(processed_dir, file, damage, tmp_path / "processed")
+    argv = ["--base", str(tiny_model_dir), "--adapter", str(adapter_dir), "--data", str(data),
+            "--metrics", str(tmp_path / "eval.json"), "--by-category", str(tmp_path / "by_category.json"),
+            "--predictions", str(tmp_path / "predictions"), "--plots", str(tmp_path / "plots"),
+            "--params", str(REPO / "params.yaml")]
+    code = load_stage("evaluate").main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    assert code == 2 and len(err) == 1, err
+    assert f"{data} cannot be read as prepared data" in err[0] and f"dvc checkout --force {data}" in err[0]
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_evaluate_on_a_damaged_base_model_is_one_line(tiny_model_dir, adapter_dir, processed_dir, tmp_path, capsys):
+    from conftest_stages import load_stage
+
+    base = _damaged_copy(tiny_model_dir, "model.safetensors", _truncate, tmp_path / "base")
+    argv = ["--base", str(base), "--adapter", str(adapter_dir), "--data", str(processed_dir),
+            "--metrics", str(tmp_path / "eval.json"), "--by-category", str(tmp_path / "by_category.json"),
+            "--predictions", str(tmp_path / "predictions"), "--plots", str(tmp_path / "plots"),
+            "--params", str(REPO / "params.yaml")]
+    code = load_stage("evaluate").main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    assert code == 2 and len(err) == 1 and f"{base / 'model.safetensors'} is damaged" in err[0], err
+    assert not (tmp_path / "eval.json").exists()

@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     """A params value a user must fix; the message is one actionable line."""
 
 
+class InputError(ConfigError):
+    """An input folder (a model, an adapter, the prepared data) that is missing or damaged; one
+    line naming the file and how to restore it. A ConfigError so that every stage stops on it as
+    on a bad param: one line, exit code 2, no traceback."""
+
+
+def restore_hint(folder: str | Path) -> str:
+    """How to get a DVC output back: from the cache, or by running the stage that writes it."""
+    return f"restore it (`dvc checkout --force {folder}`) or rebuild it (`dvc repro`)"
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():

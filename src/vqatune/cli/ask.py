@@ -5,7 +5,8 @@ from ``prompts.build_messages`` and the answer from ``generation.generate_answer
 asked here is asked exactly as evaluation asked it.
 
 Exit codes a script can rely on (``EXIT_*``): 0 answered; 2 bad arguments or params; 3 image
-missing or unreadable; 4 model or adapter folder missing; 5 empty question; 6 batch file missing
+missing or unreadable; 4 model or adapter folder missing or damaged; 5 empty question, control characters, or a
+question longer than the model's context leaves room for; 6 batch file missing
 or malformed; 7 batch written but some rows could not be answered (each has an ``error``).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config import ConfigError, ModelConfig, PrepareConfig, load_params, section
+from ..config import ConfigError, InputError, ModelConfig, PrepareConfig, load_params, section
 from ..prompts import PROMPT_MODES, PromptsConfig, build_messages
 
 log = logging.getLogger(__name__)
@@ -60,22 +61,38 @@ def load_image(path: str | Path, size: int, prepare: PrepareConfig):
     return image
 
 
-# Kvasir-VQA's questions are under 100 characters; a longer text is a pasted file, not a question
-# (and 100k characters would not fit the model's context with the image).
-MAX_QUESTION_CHARS = 2000
-
-
 def check_question(question: Optional[str], hint: str = "") -> str:
+    """The question stripped; AskError if it is empty or holds control characters. Its length is
+    checked against the model's context once the model is loaded (``check_fits``)."""
     if question is None or not question.strip():
         raise AskError(f"the question is empty{hint}", EXIT_QUESTION)
     question = question.strip()
-    if len(question) > MAX_QUESTION_CHARS:
-        raise AskError(f"the question is {len(question)} characters; at most {MAX_QUESTION_CHARS} are "
-                       "accepted", EXIT_QUESTION)
     bad = next((c for c in question if (ord(c) < 32 and c not in "\t\n\r") or 127 <= ord(c) < 160), None)
     if bad is not None:
         raise AskError(f"the question contains the control character {bad!r}; remove it", EXIT_QUESTION)
     return question
+
+
+def context_length(model) -> int:
+    """The most tokens the language model attends over: prompt, image tokens and answer together."""
+    return model.config.get_text_config().max_position_embeddings
+
+
+def check_fits(processor, question: str, prompt_mode: str, prompts: PromptsConfig, image, *,
+               context: int, max_new_tokens: int) -> None:
+    """AskError unless the prompt as the model sees it (chat template, system prompt, the image's
+    tokens, the question) plus ``max_new_tokens`` fits ``context`` tokens. Refused, not cut: a
+    question cut short is another question."""
+    from ..generation.generate import prompt_texts
+
+    text = prompt_texts(processor, [build_messages(question, prompt_mode, prompts)])[0]
+    prompt = len(processor(text=[text], images=[[image]], add_special_tokens=False)["input_ids"][0])
+    if prompt + max_new_tokens > context:
+        question = len(processor.tokenizer(question, add_special_tokens=False)["input_ids"])
+        room = context - max_new_tokens - (prompt - question)
+        raise AskError(f"the question is {question} tokens; the model's context is {context} tokens, "
+                       f"which leaves {max(room, 0)} for the question beside the image, the prompt and "
+                       f"{max_new_tokens} answer tokens", EXIT_QUESTION)
 
 
 def read_batch(path: str | Path) -> list[Question]:
@@ -196,7 +213,7 @@ def run(args) -> int:
     model, processor = load_model(args.model, args.adapter, args.base,
                                   quantization=args.quantization, device=args.device,
                                   trust_remote_code=model_cfg.trust_remote_code)
-    size = image_size(processor)
+    size, context = image_size(processor), context_length(model)
 
     # Rows: a bad row (image, path, question) is reported with its error, never dropped.
     results: list[dict] = []
@@ -206,11 +223,14 @@ def run(args) -> int:
                "prompt_mode": args.prompt_mode, "answer": None, "error": None}
         results.append(row)
         try:
-            check_question(q.question)
+            question = check_question(q.question)
             path = Path(q.image) if batch_dir is None else resolve_in(batch_dir, q.image)
             if path is None:
                 raise AskError(f"image path {q.image!r} leaves the batch file's folder", EXIT_IMAGE)
-            ready.append((n, q, load_image(path, size, prepare)))
+            image = load_image(path, size, prepare)
+            check_fits(processor, question, args.prompt_mode, prompts, image, context=context,
+                       max_new_tokens=args.max_new_tokens)
+            ready.append((n, q, image))
         except AskError as err:
             if batch_dir is None:
                 raise
@@ -276,6 +296,9 @@ def main(args) -> int:
     except AskError as err:
         print(f"vqatune ask: {err}", file=sys.stderr)
         return err.code
+    except InputError as err:  # a damaged model or adapter folder
+        print(f"vqatune ask: {err}", file=sys.stderr)
+        return EXIT_MODEL
     except ConfigError as err:
         print(f"vqatune ask: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,7 +22,7 @@ from typing import Optional
 
 from ..config import ConfigError, load_params, section
 from ..prompts import PROMPT_MODES, build_messages
-from .ask import AskError, check_question, image_size, load_image, load_settings
+from .ask import AskError, check_fits, check_question, context_length, image_size, load_image, load_settings
 
 NO_MODEL = "No model yet ({what}): run `dvc repro` first."
 
@@ -79,6 +79,8 @@ class AskSession:
         except AskError as err:
             raise AskError(str(err).replace(str(image_path), Path(image_path).name)
                            + ": upload a png, jpg or other image file.", err.code) from err
+        check_fits(self.processor, question, mode, self.prompts, image, context=context_length(self.model),
+                   max_new_tokens=self.cfg.max_new_tokens)
         messages = [build_messages(question, mode, self.prompts)]
         answers = {}
         for name in ("base", "tuned"):

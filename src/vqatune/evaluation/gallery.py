@@ -83,10 +83,10 @@ def write_error_gallery(predictions: dict[str, list[dict]], scores: dict, data_d
                         configuration: Optional[str] = None) -> list[Path]:
     """``out_dir``/errors_<category>.png for each category of the test split (replaced as a whole):
     up to ``per_category`` mistakes of ``configuration`` (default: ``gallery_configuration``)."""
-    from datasets import load_from_disk
+    from ..data.processed import load_prepared
 
     configuration = configuration or gallery_configuration(scores)
-    test = load_from_disk(str(data_dir))["test"]
+    test = load_prepared(data_dir)["test"]
     index = {img_id: i for i, img_id in reversed(list(enumerate(test["img_id"])))}
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -164,13 +164,13 @@ def _longest_prompts_probe(model, processor, test, images, cfg: EvaluateConfig):
 def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote_code: bool,
               progress: bool) -> EvaluationReport:
     import torch
-    from datasets import load_from_disk
 
+    from ..data.processed import load_prepared
     from ..provenance import device_name
     from ..vision.pixel_cache import ImagePixelCache
 
     # Data
-    splits = load_from_disk(str(data_dir))
+    splits = load_prepared(data_dir)
     for split in ("train", "test"):
         if split not in splits:
             raise ValueError(f"{data_dir} has no '{split}' split; rerun prepare")

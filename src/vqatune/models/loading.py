@@ -7,11 +7,12 @@ builtin tiny model or the hub checkpoint there.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from pathlib import Path
 from typing import Optional
 
-from ..config import require
+from ..config import InputError, require, restore_hint
 from ..cpu_numerics import use_portable_4bit_path
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,45 @@ def _torch_dtype(name: str):
 
     require(name in DTYPES, "dtype", f"{name!r} is not one of {', '.join(DTYPES)}")
     return "auto" if name == "auto" else getattr(torch, name)
+
+
+def check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists end exactly at the end of the file."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(fh.read(n))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        raise ValueError(f"tensors end at byte {8 + n + max(ends, default=0)}, the file at {size}")
+
+
+def check_model_folder(folder: str | Path, config_file: str = "config.json") -> None:
+    """A cheap look before loading: ``config_file`` is a JSON object and every safetensors file
+    is whole (header parsed, tensors ending at the end of the file). InputError, one line naming
+    the file, if not: transformers and peft would raise a traceback, or load a truncated tensor."""
+    folder = Path(folder)
+    config = folder / config_file
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise InputError(f"{config} not found; {restore_hint(folder)}") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{config} is damaged ({err}); {restore_hint(folder)}") from None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not any(folder.glob("*.bin")):
+        raise InputError(f"{folder} holds no weights (*.safetensors); {restore_hint(folder)}")
+    for file in weights:
+        try:
+            check_safetensors(file)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise InputError(f"{file} is damaged ({err}); {restore_hint(folder)}") from None
 
 
 def load_processor(model_dir: str | Path, trust_remote_code: bool = False):
@@ -74,6 +114,7 @@ def load_base_model(model_dir: str | Path, *, quantization: str = "none",
 
     require(attn_implementation in ATTN_IMPLEMENTATIONS, "attn_implementation",
             f"{attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    check_model_folder(model_dir)
     device = resolve_device(device)
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir),
@@ -100,6 +141,7 @@ def load_tuned_model(base_dir: str | Path, adapter_dir: str | Path, *, trust_rem
 
     from .precision import adapters_in_compute_dtype
 
+    check_model_folder(adapter_dir, "adapter_config.json")
     base = load_base_model(base_dir, trust_remote_code=trust_remote_code, **base_kwargs)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     adapters_in_compute_dtype(model)

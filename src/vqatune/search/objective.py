@@ -117,11 +117,10 @@ def training_objective(cfg: TuneConfig, train_cfg, model_dir, processed_dir, *,
     import tempfile
 
     import optuna
-    from datasets import load_from_disk
-
+    from ..data.processed import load_prepared
     from ..training.run import run_training
 
-    train_rows = load_from_disk(str(processed_dir))["train"].num_rows
+    train_rows = load_prepared(processed_dir)["train"].num_rows
     max_train_rows = None if cfg.train_fraction >= 1.0 else max(1, round(train_rows * cfg.train_fraction))
     budget = trial_budget(cfg)
     pruning_callback = _pruning_callback_class()

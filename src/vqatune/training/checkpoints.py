@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import as_dict
+from ..models.loading import check_safetensors
 from ..provenance import code_signature, folder_signature
 from . import distributed
 from .config import TrainConfig
@@ -41,22 +42,6 @@ def run_key(train_cfg: TrainConfig, model_dir, processed_dir, max_train_rows) ->
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_safetensors(path: Path) -> None:
-    """The header parses and the tensors it lists end exactly at the end of the file."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise ValueError(f"header length {n} does not fit a {size}-byte file")
-        header = json.loads(fh.read(n))
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) != size:
-        raise ValueError(f"tensors end at byte {8 + n + max(ends, default=0)}, the file at {size}")
-
-
 def checkpoint_problem(ckpt: Path) -> Optional[str]:
     """Why ``ckpt`` cannot be resumed (a missing, truncated or garbage file), or None if it can.
 
@@ -77,7 +62,7 @@ def checkpoint_problem(ckpt: Path) -> Optional[str]:
         return "no adapter weights (*.safetensors)"
     for file in weights:
         try:
-            _check_safetensors(file)
+            check_safetensors(file)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
             return f"{file.name} unreadable ({err})"
     for name in REQUIRED_TORCH_FILES:

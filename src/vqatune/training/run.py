@@ -142,9 +142,9 @@ def run_training(train_cfg: TrainConfig, model_dir: str | Path, processed_dir: s
 
 def _load_splits(s: _Setup):
     """(train rows, eval rows): the eval rows are held-out images of the train split."""
-    from datasets import load_from_disk
+    from ..data.processed import load_prepared
 
-    data = load_from_disk(str(s.processed_dir))
+    data = load_prepared(s.processed_dir)
     if "train" not in data:
         raise ConfigError(f"{s.processed_dir} has no 'train' split; run the prepare stage first")
     train_ds, eval_ds = split_train_eval(data["train"], s.cfg.eval_fraction, s.cfg.seed, s.cfg.max_eval_rows)
