@@ -130,6 +130,39 @@ def train_tokenizer(out_dir: Path, vocab_size: int, seed: int) -> Path:
     return target
 
 
+def gemma_tokenizer(folder: str | Path):
+    """The transformers tokenizer of ``folder/tokenizer.model`` (a Gemma-style SentencePiece model),
+    with MedGemma's chat template and special-token names, left padding; pad/eos/bos/unk checked
+    to be Gemma's ids 0-3."""
+    from transformers import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer.from_pretrained(
+        str(folder),
+        extra_special_tokens=EXTRA_SPECIAL_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",
+    )
+    for want, tok in enumerate((PAD, EOS, BOS, UNK)):
+        got = tokenizer.convert_tokens_to_ids(tok)
+        if got != want:
+            raise RuntimeError(f"tokenizer in {folder}: {tok} has id {got}, Gemma's is {want}")
+    return tokenizer
+
+
+def finish_tokenizer_files(out_dir: Path, sp_model: Path) -> None:
+    """After ``save_pretrained``: tokenizer.model beside the weights (transformers 5 does not write
+    it back; llama.cpp's converter reads it), and no absolute path in tokenizer_config.json
+    (transformers records where it read tokenizer.model; two builds would differ)."""
+    if not (out_dir / "tokenizer.model").exists():
+        shutil.copy(sp_model, out_dir / "tokenizer.model")
+    tok_cfg_path = out_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg.pop("vocab_file", None)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+
+
 def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Path:
     """Write a loadable tiny Gemma 3 model folder (weights, processor, tokenizer) to ``out_dir``."""
     import torch
@@ -138,7 +171,6 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
         Gemma3ForConditionalGeneration,
         Gemma3ImageProcessorPil,
         Gemma3Processor,
-        GemmaTokenizer,
     )
 
     cfg = cfg or ModelConfig()
@@ -148,19 +180,8 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
 
     # Tokenizer: SentencePiece model converted by transformers, as the hub checkpoints are.
     sp_model = train_tokenizer(out_dir, cfg.tiny_vocab_size, cfg.seed)
-    tokenizer = GemmaTokenizer.from_pretrained(
-        str(out_dir),
-        extra_special_tokens=EXTRA_SPECIAL_TOKENS,
-        chat_template=CHAT_TEMPLATE,
-        add_bos_token=True,
-        add_eos_token=False,
-        padding_side="left",
-    )
+    tokenizer = gemma_tokenizer(out_dir)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in [PAD, EOS, BOS, UNK, BOI, EOI, IMAGE_TOKEN]}
-    expected = {PAD: 0, EOS: 1, BOS: 2, UNK: 3}
-    for tok, want in expected.items():
-        if ids[tok] != want:
-            raise RuntimeError(f"tiny tokenizer: {tok} has id {ids[tok]}, Gemma's is {want}")
     vocab_size = len(tokenizer)
 
     # Shapes: MedGemma's layout in miniature. Patches of 8 px pooled 2x2 into image tokens:
@@ -235,14 +256,7 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
 
     save_model_in_original_layout(model, out_dir)
     processor.save_pretrained(out_dir)
-    if not (out_dir / "tokenizer.model").exists():
-        shutil.copy(sp_model, out_dir / "tokenizer.model")
-    # transformers records the absolute path it read tokenizer.model from; it is not needed to
-    # load the folder, and it would make two builds differ.
-    tok_cfg_path = out_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    tok_cfg.pop("vocab_file", None)
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    finish_tokenizer_files(out_dir, sp_model)
     (out_dir / "vqatune_builtin.json").write_text(
         json.dumps({"model_id": cfg.id, "seed": cfg.seed, "vocab_size": vocab_size,
                     "image_size": image_size}, indent=2) + "\n")
