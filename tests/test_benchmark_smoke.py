@@ -162,3 +162,51 @@ def test_ddp_bench_gc_pauses_are_charged_to_the_step_in_progress():
         pauses.on_train_end(None, State, None)
     assert set(pauses.seconds) == {4} and pauses.seconds[4] > 0
     assert pauses._on_gc not in gc.callbacks
+
+
+def test_medgemma_tokenizer_has_the_real_vocabulary_size_ids_and_template(tmp_path):
+    """benchmarks/medgemma.py's tokenizer: MedGemma's 262,145 pieces and special-token ids, a
+    SentencePiece model whose filler ids are UNUSED pieces, and Gemma 3's chat format."""
+    import medgemma
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    processor = medgemma.build_processor(tmp_path, image_size=896, image_tokens=256)
+    tok = processor.tokenizer
+    assert len(tok) == medgemma.TOKENIZER_PIECES == 262_145
+    assert {t: tok.convert_tokens_to_ids(t) for t in medgemma.TOKEN_IDS} == medgemma.TOKEN_IDS
+    proto = pb.ModelProto()
+    proto.ParseFromString((tmp_path / "tokenizer.model").read_bytes())
+    assert len(proto.pieces) == medgemma.TOKENIZER_PIECES
+    assert proto.pieces[200_000].type == pb.ModelProto.SentencePiece.UNUSED
+    assert proto.pieces[medgemma.FIRST_TEXT_ID].piece == "\n"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many polyps?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<bos><start_of_turn>user\n<start_of_image>How many polyps?<end_of_turn>\n<start_of_turn>model\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[:2] == [2, 105] and 106 in ids and 255999 in ids and tok.unk_token_id not in ids
+    assert json.loads((tmp_path / "processor_config.json").read_text())["image_seq_length"] == 256
+
+
+def test_e2e_overrides_apply_on_top_of_the_medgemma_profile(tmp_path):
+    """benchmarks/e2e.py's -S-style overrides name real keys and pass validation after the profile."""
+    import shutil
+
+    import e2e
+    import yaml
+
+    from vqatune.cli.profile import apply_profile
+
+    repo = tmp_path / "repo"
+    shutil.copytree(e2e.REPO / "configs", repo / "configs")
+    shutil.copy(e2e.REPO / "params.yaml", repo / "params.yaml")
+    apply_profile("medgemma", repo / "params.yaml", repo)
+    for extra in ({}, e2e.SMOKE):
+        overrides = {k: v.format(work=tmp_path) if isinstance(v, str) else v
+                     for k, v in {**e2e.OVERRIDES, **extra}.items()}
+        e2e.apply_overrides(repo, overrides)
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        assert params["model"]["id"] == f"{tmp_path}/medgemma-4b-random"
+        assert params["tune"]["search_space"]["gradient_accumulation_steps"]["choices"] == [1, 2]
+        assert params["tune"]["search_space"]["lora.r"]["choices"] == [16, 32]  # the profile's, kept
+        assert params["train"]["lora"]["vision_tower"] is False and params["evaluate"]["batch_size"] == "auto"
+    assert params["prepare"]["image_size"] == 224
