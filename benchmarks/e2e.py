@@ -483,7 +483,10 @@ def main(argv=None) -> int:
 
         dest = default_converter_dir()
         if not (dest / ".sha256").is_file():
-            shutil.copytree(args.converter, dest, dirs_exist_ok=True)
+            try:
+                shutil.copytree(args.converter, dest, dirs_exist_ok=True)
+            except OSError as err:  # the export stage will say what is missing
+                print(f"e2e: could not install the converter in {dest}: {err}", file=sys.stderr)
 
     # 1. the world: model, BERT, pipeline copy, params
     model_dir = Path(overrides["model.id"])
