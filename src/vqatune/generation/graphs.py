@@ -145,7 +145,7 @@ def greedy_static(model, inputs: dict, *, max_new_tokens: int, stop_ids, pad_tok
             out[:, t] = token
             finished |= torch.isin(token, stop)
             steps += 1
-        del graph
+
     if stats is not None:
         stats["decode_steps"] = stats.get("decode_steps", 0) + steps
     return out[:, :steps]
