@@ -125,7 +125,8 @@ def greedy_static(model, inputs: dict, *, max_new_tokens: int, stop_ids, pad_tok
             torch.cuda.current_stream(device).wait_stream(side)
             restore()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the BatchEncoder's threads may pin host memory for the next batch meanwhile.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_next = step()
             restore()  # capturing ran the Python again (the ints), not the kernels
             torch.cuda.synchronize(device)
