@@ -10,7 +10,7 @@ use_gradient_checkpointing="unsloth")`` (nf4), LoRA r16/alpha16, dropout 0, on t
 model's attention and MLP, vision frozen, ``for_training``, AdamW (lr 2e-4) under bf16 autocast,
 the architecture's 305-token examples (bos, 30 prompt tokens, 256 image tokens between
 <start_of_image> and <end_of_image>, 8 turn tokens, a 6-token answer with the loss, end of turn
-and 2 more), random 896 px pixels. Unsloth runs the vision tower in every step (it has no
+and 1 more), random 896 px pixels. Unsloth runs the vision tower in every step (it has no
 feature cache); that is its recipe, as the project's cache is the project's.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import traceback
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROMPT, IMAGE, TURN, ANSWER, TAIL = 30, 256, 8, 6, 2  # 1 + 30 + 1 + 256 + 1 + 8 + 6 + 2 = 305
+PROMPT, IMAGE, TURN, ANSWER, TAIL = 30, 256, 8, 6, 1  # 1 + 30 + 1 + 256 + 1 + 8 + 6 + 1 (end of turn) + 1 = 305
 
 
 def make_batch(n: int, ids: dict, vocab: int, image_size: int, seed: int):
