@@ -28,6 +28,15 @@ Instead of the whole benchmark, one part of it on its own (same world, same ``--
 - ``--collate``: the CPU cost of one training batch's collation, the processor on every image
   vs image keys (``collate.json``; CPU only, the builtin tiny model's processor).
 
+Issue 25's device run, in one call of under ten minutes (``--skip-guide``: no guide recipe,
+loss parity or one-at-a-time guide generation; ``--levers``: ``train.dequantize_base`` on and off,
+generation with ``static_graphs`` with and without length buckets, each with its answer parity;
+``--unsloth``: Unsloth's FastVisionModel on the same model first, in its own process,
+benchmarks/unsloth_peer.py, and ``unsloth_ratio`` in the results):
+
+    source benchmarks/offline_gpu_setup.sh && python benchmarks/gpu_bench.py --out $OUT \
+        --skip-guide --levers --unsloth --parity-rows 24
+
 ``--tiny`` runs the same code path on the builtin tiny model on CPU in about a minute (the CI
 smoke test, tests/test_benchmark_smoke.py).
 """
@@ -39,8 +48,10 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -305,7 +316,8 @@ def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str
            "batch": cfg.batch_size, "gradient_checkpointing": cfg.gradient_checkpointing,
            "cache_image_features": cfg.cache_image_features, "losses": losses,
            "trainable_params": result.trainable_params, "fp32_residual": result.fp32_residual,
-           "compiled_layers": result.compiled_layers}
+           "compiled_layers": result.compiled_layers, "dequantized_layers": result.dequantized_layers,
+           "dequantize_base": cfg.dequantize_base}
     return out, adapter_dir
 
 
@@ -431,7 +443,15 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
             "mean_new_tokens": tokens / len(jobs)}
 
 
-def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
+# Generation levers measured beside the evaluate stage's path (--levers): label -> EvaluateConfig changes.
+GENERATION_LEVERS = {
+    "static_graphs": {"cache_implementation": "static_graphs"},
+    "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
+}
+
+
+def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_row: bool = True,
+                       levers: tuple[str, ...] = ()):
     """The evaluate stage's generation: base loaded once (bf16), adapter on/off, image features
     cached, each image's pixels made once (img_id keys, one pixel cache for the six
     configurations), generate_answers over the six configurations; then batched vs one-at-a-time
@@ -449,14 +469,15 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
     # First without compiled norms (the lever's yardstick), then as the evaluate stage runs.
     cache = generation_levers(model, dataclasses.replace(cfg, compile=False))
     uncompiled = None
-    if compiled:
+    plain_row = plain_row and compiled
+    if plain_row:
         plain = timed_six_configurations(model, processor, test, messages, images, cfg, cache)
         log.info("project generation without compiled norms %s", plain["examples_per_s"])
         compile_norms(model)
     run = timed_six_configurations(model, processor, test, messages, images, cfg, cache)
     answers, per_config, timing, pixel_cache = run["answers"], run["per_config"], run["timing"], run["pixel_cache"]
     n = sum(len(a) for a in answers.values())
-    if compiled:
+    if plain_row:
         uncompiled = {"examples_per_s": plain["examples_per_s"], "seconds_per_configuration": plain["per_config"],
                       "timing": plain["timing"],
                       "answers_equal_compiled": sum(a == b for key in answers
@@ -472,6 +493,26 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
            "timing": timing, "pixel_cache_gib": pixel_cache.memory_bytes() / 2**30}
 
     log.info("project generation (dynamic cache) %s", gen)
+    lever_answers = {}
+    for label in levers:
+        lever_cfg = dataclasses.replace(cfg, **GENERATION_LEVERS[label])
+        try:
+            lever = timed_six_configurations(model, processor, test, messages, images, lever_cfg, cache)
+        except Exception as err:  # a lever that fails is reported, not fatal to the benchmark
+            log.exception("generation lever %s failed", label)
+            gen.setdefault("levers", {})[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            continue
+        lever_answers[label] = lever["answers"]
+        timing_l = lever["timing"]
+        capture = timing_l.get("graph_capture_s", 0.0)
+        gen.setdefault("levers", {})[label] = {
+            **GENERATION_LEVERS[label], "examples_per_s": lever["examples_per_s"],
+            "examples_per_s_without_capture": n / max(sum(lever["per_config"]) - capture, 1e-9),
+            "graph_capture_s": capture, "seconds_per_configuration": lever["per_config"], "timing": timing_l,
+            "fallback": timing_l.get("graph_fallback"), "peak_gib": DEV.peak_gib(),
+            "answers_equal_dynamic": sum(a == b for key in answers
+                                         for a, b in zip(answers[key], lever["answers"][key])) / n}
+        log.info("generation lever %s %s", label, gen["levers"][label])
     if STATIC_CACHE:
         # Opt-in: on an H100 the compilation of MedGemma-4B's decoding step did not finish within
         # ~6 minutes (2026-11-27), longer than the whole evaluation it would speed up here.
@@ -480,7 +521,7 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
 
     # Parity: the same model one row at a time (tuned and base, prompt mode none).
     k = min(scale.parity_rows // 2, len(test))
-    match, total, examples = 0, 0, []
+    match, total, examples, lever_match = 0, 0, [], {}
     for tuned in (True, False):
         ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
         with ctx:
@@ -490,9 +531,14 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale):
         same = [a == b for a, b in zip(single, batched)]
         match += sum(same)
         total += k
+        for label, lever in lever_answers.items():
+            hits = lever_match.setdefault(label, 0)
+            lever_match[label] = hits + sum(a == b for a, b in zip(single, lever[("none", tuned)][:k]))
         examples += [{"tuned": tuned, "batched": b, "single": s, "identical": e}
                      for s, b, e in zip(single, batched, same) if not e or len(examples) < 2]
-    parity = {"rows": total, "share_identical": match / total, "examples": examples}
+    parity = {"rows": total, "share_identical": match / total, "examples": examples,
+              # each generation lever's batched answers against the same one-at-a-time answers
+              "levers": {label: hits / total for label, hits in lever_match.items()}}
     prompt_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in
                         [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
                          for m in messages["none"]]) / len(messages["none"])
@@ -544,7 +590,7 @@ def six_configurations(model, processor, messages, images, cfg, *, image_keys, p
                 answers[(mode, tuned)] = generate_answers(
                     model, processor, messages[mode], images, batch_size=cfg.batch_size,
                     max_new_tokens=cfg.max_new_tokens, image_keys=image_keys, pixel_cache=pixel_cache,
-                    cache_implementation=cache_implementation, stats=stats)
+                    cache_implementation=cache_implementation, stats=stats, bucket_tokens=cfg.bucket_tokens)
             DEV.sync()
             seconds.append(time.perf_counter() - t)
     return answers, seconds
@@ -749,7 +795,7 @@ def collate_cost(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
 
 # --------------------------------------------------------------------------- FLOPs and report
 
-def mfu_table(results: dict, model_dir: Path, data_dir: Path):
+def mfu_table(results: dict, model_dir: Path, data_dir: Path, scale: Scale | None = None):
     """Model FLOPs per example (one FLOP model for every row) and MFU against the card's peak."""
     from datasets import load_from_disk
 
@@ -777,7 +823,10 @@ def mfu_table(results: dict, model_dir: Path, data_dir: Path):
     # once per image for the six configurations.
     # New tokens per answer: counted on the guide's outputs (the same model, prompts and greedy
     # answers); the project's strings cannot be re-tokenized into the random model's ids.
-    new = results["evaluation"]["guide"]["mean_new_tokens"]
+    guide = results["evaluation"].get("guide")
+    timing = results["evaluation"]["project"].get("timing") or {}
+    # Without the guide's run: the project's generated tokens per batch (an upper bound per row).
+    new = guide["mean_new_tokens"] if guide else timing.get("decode_steps", 0) / max(timing.get("batches", 1), 1)
     gen_flops = lm_forward_flops(fm, T - answer_tokens, 1, (T - answer_tokens) / 2) \
         + new * (fm["lm_linear_per_token"] + fm["lm_head_per_token"] + fm["attention_per_pair"] * T) \
         + fm["vision_per_image"] / (qa_per_image * 6)
@@ -792,7 +841,8 @@ def mfu_table(results: dict, model_dir: Path, data_dir: Path):
                      "vision forward once per distinct image (train) / per image for six configurations "
                      "(evaluation); MFU = examples/s x FLOPs per example / card peak (989.4 TFLOP/s bf16 dense)"}
     for section, flops in (("training", train_flops), ("evaluation", gen_flops)):
-        for row in results[section].values():
+        rows = list(results[section].values()) + list((results[section].get("project") or {}).get("levers", {}).values())
+        for row in rows:
             if isinstance(row, dict) and "examples_per_s" in row and peak:
                 row["mfu"] = row["examples_per_s"] * flops / peak
 
@@ -807,28 +857,48 @@ def write_report(results: dict, out: Path):
     def row(label, r, base):
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
-        lines.append(f"| {label} | {r['examples_per_s']:.2f} | {r['examples_per_s'] / base:.1f}x | {peak} | {mfu} |")
+        versus = f"{r['examples_per_s'] / base:.1f}x" if base else "-"
+        lines.append(f"| {label} | {r['examples_per_s']:.2f} | {versus} | {peak} | {mfu} |")
 
-    g = tr["guide"]["examples_per_s"]
-    row("train: guide recipe (nf4, eager, batch 1, k-bit prep, LoRA MLP)", tr["guide"], g)
+    g = tr["guide"]["examples_per_s"] if "guide" in tr else None
+    if g:
+        row("train: guide recipe (nf4, eager, batch 1, k-bit prep, LoRA MLP)", tr["guide"], g)
     for key, r in tr.items():
         if key != "guide":
             row(f"train: project, {r['label']}", r, g)
-    ge = ev["guide"]["examples_per_s"]
-    row("evaluate: guide (one at a time, nf4, eager, 25 new tokens)", ev["guide"], ge)
+    peer = results.get("unsloth")
+    if peer is not None:
+        for n, entry in (peer.get("batches") or {}).items():
+            if "examples_per_s" in entry:
+                row(f"train: Unsloth {peer.get('unsloth', '')} FastVisionModel, batch {n} (305 tokens, vision every step)",
+                    entry, g)
+            else:
+                lines.append(f"| train: Unsloth, batch {n} | failed: {entry.get('error')} | | | |")
+        if not peer.get("best_examples_per_s"):
+            lines.append(f"| train: Unsloth | not measured: {peer.get('error')} | | | |")
+    ge = ev["guide"]["examples_per_s"] if "guide" in ev else None
+    if ge:
+        row("evaluate: guide (one at a time, nf4, eager, 25 new tokens)", ev["guide"], ge)
     row(f"evaluate: project (generate_answers, batch {ev['project']['batch']}, bf16, image cache, "
         + ("compiled norms, " if ev["project"].get("compiled_norms") else "") + "six configurations)",
         ev["project"], ge)
     plain = ev["project"].get("without_compiled_norms")
     if plain:
-        lines.append(f"| evaluate: project, the same without compiled norms | {plain['examples_per_s']:.2f} | "
-                     f"{plain['examples_per_s'] / ge:.1f}x | - | - |")
+        row("evaluate: project, the same without compiled norms", {"examples_per_s": plain["examples_per_s"]}, ge)
+    for label, lever in (ev["project"].get("levers") or {}).items():
+        if "examples_per_s" not in lever:
+            lines.append(f"| evaluate: project, {label} | failed: {lever.get('error')} | | | |")
+            continue
+        row(f"evaluate: project, {label} (graph capture {lever['graph_capture_s']:.1f} s inside; "
+            f"answers = dynamic {100 * lever['answers_equal_dynamic']:.1f}%"
+            + (f"; fell back: {lever['fallback']}" if lever.get("fallback") else "") + ")", lever, ge)
+        row(f"evaluate: project, {label}, capture time left out", {"examples_per_s": lever["examples_per_s_without_capture"]}, ge)
     static = ev["project"].get("static_cache") or {}
     if "examples_per_s" in static:
         row(f"evaluate: project, static KV cache + compiled decoding (first configuration "
             f"{static['first_configuration_s']:.0f} s incl. compile)", {**static, "peak_gib": None}, ge)
-        lines.append(f"| evaluate: project, static KV cache, after the first configuration | "
-                     f"{static['examples_per_s_after_first']:.2f} | {static['examples_per_s_after_first'] / ge:.1f}x | - | - |")
+        row("evaluate: project, static KV cache, after the first configuration",
+            {"examples_per_s": static["examples_per_s_after_first"]}, ge)
     elif static:
         lines.append(f"| evaluate: project, static KV cache | failed: {static['error']} | | | |")
     timing = ev["project"].get("timing") or {}
@@ -836,21 +906,35 @@ def write_report(results: dict, out: Path):
         lines += ["", "Where the project's generation time went (six configurations, seconds): "
                   + ", ".join(f"{k} {timing[k]:.1f}" for k in ("encode_wait_s", "transfer_s", "generate_s",
                                                                  "decode_s", "total_s") if k in timing)
-                  + f"; images processed {timing.get('images_processed')}, reused {timing.get('images_reused')}."]
+                  + f"; images processed {timing.get('images_processed')}, reused {timing.get('images_reused')}"
+                  + f"; tokens generated per batch {timing.get('decode_steps', 0) / max(timing.get('batches', 1), 1):.1f}."]
+    best_t, best_e = results["train_examples_per_s_best"], results["eval_examples_per_s_best"]
+    summary = [f"train_examples_per_s {results['train_examples_per_s']:.2f} (best {best_t['examples_per_s']:.2f}: "
+               f"{best_t['run']}), eval_examples_per_s {results['eval_examples_per_s']:.2f} (best "
+               f"{best_e['examples_per_s']:.2f}: {best_e['run']})"
+               + (f", unsloth_ratio {results['unsloth_ratio']:.2f}" if "unsloth_ratio" in results else "")
+               + f", 16 GB mode: {results['mode_16gb']['examples_per_s']:.2f} examples/s at "
+               f"{results['mode_16gb']['peak_gib']:.1f} GiB peak."]
+    if "train_speedup" in results:
+        summary.append(f"train_speedup {results['train_speedup']:.1f}x"
+                       + (f", eval_speedup {results['eval_speedup']:.1f}x" if "eval_speedup" in results else "") + ".")
+    lines += [""] + summary
     p, q = results["parity"]["training"], results["parity"]["generation"]
-    lines += ["", f"train_speedup {results['train_speedup']:.1f}x, eval_speedup {results['eval_speedup']:.1f}x, "
-              f"16 GB mode: {results['mode_16gb']['examples_per_s']:.2f} examples/s at "
-              f"{results['mode_16gb']['peak_gib']:.1f} GiB peak.",
-              f"Loss parity ({p['steps']} steps, batch {p['batch']}): mean |guide - project| {p['mean_abs_gap']:.4f}, "
-              f"max {p['max_abs_gap']:.4f}; noise: project reseeded (adapter init + dropout) mean "
-              f"{p['mean_abs_noise_seed']:.4f}, dropout seed only {p['mean_abs_noise_dropout']:.4f}: "
-              f"{'within noise' if p['within_noise'] else 'NOT within noise'}"
-              + (f"; the project's levers with the guide's fp32 upcast: mean gap {p['mean_abs_gap_with_upcast']:.4f}"
-                 if "mean_abs_gap_with_upcast" in p else "")
-              + (f"; with a bf16 residual stream (before train.fp32_residual): mean gap "
-                 f"{p['mean_abs_gap_bf16_residual']:.4f}." if "mean_abs_gap_bf16_residual" in p else "."),
-              f"Generation parity: {100 * q['share_identical']:.1f}% of {q['rows']} batched answers identical to "
-              "one-at-a-time answers of the same model."]
+    if "mean_abs_gap" in p:
+        lines.append(
+            f"Loss parity ({p['steps']} steps, batch {p['batch']}): mean |guide - project| {p['mean_abs_gap']:.4f}, "
+            f"max {p['max_abs_gap']:.4f}; noise: project reseeded (adapter init + dropout) mean "
+            f"{p['mean_abs_noise_seed']:.4f}, dropout seed only {p['mean_abs_noise_dropout']:.4f}: "
+            f"{'within noise' if p['within_noise'] else 'NOT within noise'}"
+            + (f"; the project's levers with the guide's fp32 upcast: mean gap {p['mean_abs_gap_with_upcast']:.4f}"
+               if "mean_abs_gap_with_upcast" in p else "")
+            + (f"; with a bf16 residual stream (before train.fp32_residual): mean gap "
+               f"{p['mean_abs_gap_bf16_residual']:.4f}." if "mean_abs_gap_bf16_residual" in p else "."))
+    else:
+        lines.append(f"Loss parity: not run ({p.get('skipped')}).")
+    lines.append(f"Generation parity: {100 * q['share_identical']:.1f}% of {q['rows']} batched answers identical to "
+                 "one-at-a-time answers of the same model"
+                 + "".join(f"; {label}: {100 * v:.1f}%" for label, v in (q.get("levers") or {}).items()) + ".")
     text = "\n".join(lines) + "\n"
     (out / "gpu_bench.md").write_text(text)
     print(text)
@@ -872,6 +956,15 @@ def main(argv=None):
                       help="only the CPU cost of collating a training batch, pixels vs image keys (collate.json)")
     ap.add_argument("--static-cache", action="store_true",
                     help="also time generation with a static KV cache (compiled decoding)")
+    ap.add_argument("--skip-guide", action="store_true",
+                    help="without the guide's recipe (its training, the loss parity, its generation)")
+    ap.add_argument("--levers", action="store_true",
+                    help="issue 25's levers side by side: train.dequantize_base on and off; generation "
+                         "with static_graphs, with and without length buckets")
+    ap.add_argument("--unsloth", action="store_true",
+                    help="Unsloth's FastVisionModel training on the same model, first, in its own process")
+    ap.add_argument("--unsloth-path", default=".unsloth", help="Unsloth's carried package tree")
+    ap.add_argument("--unsloth-timeout", type=int, default=240, help="seconds for the Unsloth process")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     DEV = Device()
@@ -890,7 +983,8 @@ def main(argv=None):
             return profile_generation(work, out, scale, args.tiny)
         if args.collate:
             return collate_cost(work, out, scale, args.tiny)
-        return run(work, out, scale, args.tiny)
+        return run(work, out, scale, args.tiny, skip_guide=args.skip_guide, levers=args.levers,
+                   unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout)
 
 
 def run_parity(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
@@ -903,13 +997,58 @@ def run_parity(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     return results
 
 
-def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
+def unsloth_peer(model_dir: Path, out: Path, *, path: Path, timeout: int) -> dict:
+    """Unsloth's FastVisionModel training on the same model (benchmarks/unsloth_peer.py), in its
+    own process with ``path`` (Unsloth's carried package tree) first on PYTHONPATH; its output
+    goes to ``out/unsloth_peer.log``. Returns its result, or why it did not run."""
+    if DEV.type != "cuda":
+        return {"error": f"not run: Unsloth needs a CUDA GPU (this run is on {DEV.name})"}
+    if not (path / "unsloth").is_dir():
+        return {"error": f"not run: {path}/unsloth not found (carry Unsloth's tree, see unsloth_peer.py)"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path.resolve()), os.environ.get("PYTHONPATH", "")]),
+           "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    logfile = out / "unsloth_peer.log"
+    started = time.perf_counter()
+    result: dict = {}
+    with logfile.open("w") as fh:
+        try:
+            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("unsloth_peer.py")),
+                                   "--model", str(model_dir)], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+            result["returncode"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            result["error"] = f"timed out after {timeout} s (log: unsloth_peer.log)"
+    lines = logfile.read_text(errors="replace").splitlines()
+    final = [json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("UNSLOTH_RESULT ")]
+    if final:
+        result = {**final[-1], **{k: v for k, v in result.items() if k != "error" or "error" not in final[-1]}}
+    else:  # killed or crashed: what it measured before, and the end of its log
+        progress = [json.loads(l.split(" ", 1)[1]) for l in lines if l.startswith("UNSLOTH_PROGRESS ")]
+        result["batches"] = {str(e["batch"]): e for e in progress}
+        rates = [e["examples_per_s"] for e in progress if "examples_per_s" in e]
+        if rates:
+            result["best_examples_per_s"] = max(rates)
+        result.setdefault("error", "no result line (log: unsloth_peer.log)")
+        result["log_tail"] = lines[-15:]
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = False, levers: bool = False,
+        unsloth: bool = False, unsloth_path: Path = Path(".unsloth"), unsloth_timeout: int = 240) -> dict:
+    """The whole benchmark. ``skip_guide``: without the guide's recipe (training, loss parity,
+    one-at-a-time generation), for a call too short for everything; ``levers``: the issue-25
+    levers side by side (training with the nf4 weights dequantized per call vs once; generation
+    with static_graphs, with and without length buckets) instead of the older uncompiled-norms
+    row; ``unsloth``: Unsloth's training on the same model first, in its own process."""
     import peft
     import transformers
     import trl
 
+    started = time.perf_counter()
     results = {"device": DEV.name, "torch": torch.__version__, "transformers": transformers.__version__,
-               "peft": peft.__version__, "trl": trl.__version__, "scale": dataclasses.asdict(scale)}
+               "peft": peft.__version__, "trl": trl.__version__, "scale": dataclasses.asdict(scale),
+               "options": {"skip_guide": skip_guide, "levers": levers, "unsloth": unsloth}}
     try:
         import bitsandbytes
         results["bitsandbytes"] = bitsandbytes.__version__
@@ -917,55 +1056,107 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
         pass
 
     def save():
+        results["wall_s"] = round(time.perf_counter() - started, 1)
         (out / "gpu_bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     model_dir, data_dir, results["world"] = build_world(work, scale, tiny)
     log.info("world %s", results["world"])
+    if unsloth:
+        # First, on an otherwise idle card; its timeout bounds it, and the project's parts follow.
+        results["unsloth"] = unsloth_peer(model_dir, out, path=unsloth_path, timeout=unsloth_timeout)
+        save()
+        log.info("unsloth %s", results["unsloth"])
 
     # Training: the guide, the parity runs, then the project through run_training.
-    guide, results.setdefault("parity", {})["training"] = loss_parity(model_dir, data_dir, scale)
-    results["training"] = {"guide": guide}
-    save()
-    log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
-                                                     if not isinstance(v, list)})
+    results["training"], results["parity"] = {}, {}
+    if skip_guide:
+        results["parity"]["training"] = {"skipped": "--skip-guide"}
+    else:
+        guide, results["parity"]["training"] = loss_parity(model_dir, data_dir, scale)
+        results["training"]["guide"] = guide
+        save()
+        log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
+                                                         if not isinstance(v, list)})
     fast, adapter_dir = project_training(model_dir, data_dir, work, scale, name="default")
     fast["label"] = (f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache"
                      + (", fp32 residual stream" if fast["fp32_residual"] else "")
-                     + (", compiled layers" if fast["compiled_layers"] else "") + ")")
+                     + (", compiled layers" if fast["compiled_layers"] else "")
+                     + (", nf4 dequantized once" if fast["dequantized_layers"] else "") + ")")
     results["training"]["project_default"] = fast
     save()
     log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})
+    if levers:
+        # The lever side by side: the defaults with the other dequantize_base setting.
+        other = not fast["dequantized_layers"]
+        row, _ = project_training(model_dir, data_dir, work, scale, name="dequantize_other", dequantize_base=other)
+        row["label"] = ("the same, nf4 dequantized once (train.dequantize_base: true)" if other else
+                        "the same, nf4 dequantized per call (train.dequantize_base: false)")
+        results["training"]["project_dequantize_" + ("on" if other else "off")] = row
+        save()
+        log.info("project training, dequantize_base=%s %s", other, {k: v for k, v in row.items() if k != "losses"})
     # Evaluation.
-    results["evaluation"] = {"guide": guide_generation(model_dir, adapter_dir, data_dir, scale)}
-    save()
-    log.info("guide generation %s", results["evaluation"]["guide"])
-    results["evaluation"]["project"], results["parity"]["generation"] = \
-        project_generation(model_dir, adapter_dir, data_dir, scale)
+    results["evaluation"] = {}
+    if not skip_guide:
+        results["evaluation"]["guide"] = guide_generation(model_dir, adapter_dir, data_dir, scale)
+        save()
+        log.info("guide generation %s", results["evaluation"]["guide"])
+    results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
+        model_dir, adapter_dir, data_dir, scale, plain_row=not levers,
+        levers=tuple(GENERATION_LEVERS) if levers else ())
     save()
     log.info("project generation %s", results["evaluation"]["project"])
-
-    mfu_table(results, model_dir, data_dir)
-    g, ge = guide["examples_per_s"], results["evaluation"]["guide"]["examples_per_s"]
-    best = max(results["training"][k]["examples_per_s"] for k in results["training"] if k != "guide")
-    results["train_speedup"] = results["training"]["project_default"]["examples_per_s"] / g
-    results["train_speedup_best"] = best / g
-    results["eval_speedup"] = results["evaluation"]["project"]["examples_per_s"] / ge
-    static = results["evaluation"]["project"].get("static_cache") or {}
-    if "examples_per_s" in static:
-        results["eval_speedup_static_cache"] = static["examples_per_s"] / ge
-    fits = [r for k, r in results["training"].items() if k != "guide" and (r.get("peak_gib") or 0) <= 15.0]
-    results["mode_16gb"] = max(fits, key=lambda r: r["examples_per_s"]) if fits else \
-        {"examples_per_s": 0.0, "peak_gib": float("nan"), "label": "none under 15 GiB"}
-    results["targets"] = {
-        "train_20x": results["train_speedup_best"] >= 20,
-        "eval_100x": results["eval_speedup"] >= 100,
-        "mode_16gb": bool(fits) and results["mode_16gb"]["examples_per_s"] >= 11.9,
-        "generation_parity_99": results["parity"]["generation"]["share_identical"] >= 0.99,
-        "loss_parity": results["parity"]["training"]["within_noise"],
-    }
+    summarize(results, model_dir, data_dir, scale)
     save()
     write_report(results, out)
     return results
+
+
+def summarize(results: dict, model_dir: Path, data_dir: Path, scale: Scale) -> None:
+    """MFU, the headline figures, the speedups against the guide (when it ran), the Unsloth ratio
+    and the targets, from what ``results`` holds."""
+    mfu_table(results, model_dir, data_dir, scale)
+    tr, ev = results["training"], results["evaluation"]
+    project_rows = {k: r for k, r in tr.items() if k != "guide"}
+    best_key = max(project_rows, key=lambda k: project_rows[k]["examples_per_s"])
+    results["train_examples_per_s"] = tr["project_default"]["examples_per_s"]
+    results["train_examples_per_s_best"] = {"examples_per_s": project_rows[best_key]["examples_per_s"], "run": best_key}
+    results["eval_examples_per_s"] = ev["project"]["examples_per_s"]
+    lever_rates = {k: r["examples_per_s"] for k, r in (ev["project"].get("levers") or {}).items()
+                   if "examples_per_s" in r}
+    best_eval = max([("project", results["eval_examples_per_s"])] + list(lever_rates.items()), key=lambda kv: kv[1])
+    results["eval_examples_per_s_best"] = {"examples_per_s": best_eval[1], "run": best_eval[0]}
+    if "guide" in tr:
+        g = tr["guide"]["examples_per_s"]
+        results["train_speedup"] = tr["project_default"]["examples_per_s"] / g
+        results["train_speedup_best"] = project_rows[best_key]["examples_per_s"] / g
+    if "guide" in ev:
+        ge = ev["guide"]["examples_per_s"]
+        results["eval_speedup"] = ev["project"]["examples_per_s"] / ge
+        results["eval_speedup_best"] = best_eval[1] / ge
+        static = ev["project"].get("static_cache") or {}
+        if "examples_per_s" in static:
+            results["eval_speedup_static_cache"] = static["examples_per_s"] / ge
+    peer = results.get("unsloth") or {}
+    if peer.get("best_examples_per_s"):
+        results["unsloth_ratio"] = project_rows[best_key]["examples_per_s"] / peer["best_examples_per_s"]
+        results["unsloth_ratio_defaults"] = tr["project_default"]["examples_per_s"] / peer["best_examples_per_s"]
+    fits = [r for r in project_rows.values() if (r.get("peak_gib") or 0) <= 15.0]
+    results["mode_16gb"] = max(fits, key=lambda r: r["examples_per_s"]) if fits else \
+        {"examples_per_s": 0.0, "peak_gib": float("nan"), "label": "none under 15 GiB"}
+    gen_parity = results["parity"]["generation"]
+    results["targets"] = {
+        "train_80": results["train_examples_per_s_best"]["examples_per_s"] >= 80,
+        "eval_120": results["eval_examples_per_s_best"]["examples_per_s"] >= 120,
+        "unsloth_6_5x": results.get("unsloth_ratio", 0) >= 6.5,
+        "mode_16gb": bool(fits) and results["mode_16gb"]["examples_per_s"] >= 11.9,
+        "generation_parity_100": gen_parity["share_identical"] == 1.0
+        and all(v == 1.0 for v in gen_parity.get("levers", {}).values()),
+        "loss_parity": results["parity"]["training"].get("within_noise"),
+    }
+    if "train_speedup_best" in results:
+        results["targets"]["train_20x"] = results["train_speedup_best"] >= 20
+    if "eval_speedup" in results:
+        results["targets"]["eval_100x"] = results["eval_speedup"] >= 100
 
 
 if __name__ == "__main__":

@@ -210,3 +210,28 @@ def test_e2e_overrides_apply_on_top_of_the_medgemma_profile(tmp_path):
         assert params["tune"]["search_space"]["lora.r"]["choices"] == [16, 32]  # the profile's, kept
         assert params["train"]["lora"]["vision_tower"] is False and params["evaluate"]["batch_size"] == "auto"
     assert params["prepare"]["image_size"] == 224
+
+
+def test_benchmark_levers_and_unsloth_row_without_the_guide(tmp_path):
+    """gpu_bench.py --skip-guide --levers --unsloth (issue 25's device run): the dequantize_base
+    lever on and off, the generation levers with their parity, and the Unsloth row (on CPU: the
+    reason it did not run), in the results and the table."""
+    import gpu_bench
+
+    gpu_bench.main(["--tiny", "--skip-guide", "--levers", "--unsloth", "--out", str(tmp_path / "out"),
+                    "--work", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "out" / "gpu_bench.json").read_text())
+    tr, ev = results["training"], results["evaluation"]
+    assert "guide" not in tr and "guide" not in ev and results["parity"]["training"] == {"skipped": "--skip-guide"}
+    # CPU: auto leaves the nf4 layers as they are; the lever row dequantizes them once
+    assert tr["project_default"]["dequantized_layers"] == 0
+    assert tr["project_dequantize_on"]["dequantized_layers"] > 0 and tr["project_dequantize_on"]["examples_per_s"] > 0
+    levers = ev["project"]["levers"]
+    assert set(levers) == set(gpu_bench.GENERATION_LEVERS)
+    assert all(lever["examples_per_s"] > 0 and lever["answers_equal_dynamic"] == 1.0 for lever in levers.values())
+    assert results["parity"]["generation"]["share_identical"] == 1.0
+    assert set(results["parity"]["generation"]["levers"]) == set(levers)
+    assert "not run" in results["unsloth"]["error"] and "unsloth_ratio" not in results
+    assert results["train_examples_per_s"] > 0 and results["eval_examples_per_s_best"]["examples_per_s"] > 0
+    table = (tmp_path / "out" / "gpu_bench.md").read_text()
+    assert "static_graphs" in table and "Unsloth" in table and "Loss parity: not run" in table

@@ -146,3 +146,94 @@ def test_static_cache_gives_the_dynamic_answers(tiny):
     assert static == generate_answers(model, processor, messages, images, batch_size=3, max_new_tokens=6)
     with pytest.raises(ValueError, match="cache_implementation must be one of"):
         generate_answers(model, processor, messages, images, cache_implementation="hybrid")
+
+
+def _short_inputs(n: int):
+    """Prompts in modes none and static only: the tiny model's sliding window (128 tokens) must
+    cover prompt + answer for the static-graph loop (adaptive prompts are longer)."""
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+    messages = [build_messages(QUESTIONS[(5 * i) % len(QUESTIONS)], PROMPT_MODES[i % 2], PromptsConfig())
+                for i in range(n)]
+    return messages, images
+
+
+def test_static_graph_loop_gives_generates_tokens(tiny):
+    """generation.graphs.greedy_static (run eagerly on CPU: the same step the GPU captures as a
+    CUDA graph) gives generate's greedy tokens, row by row, on a left-padded batch."""
+    from vqatune.generation.generate import _left_padding, stop_token_ids
+    from vqatune.generation.graphs import greedy_static
+
+    model, processor = tiny
+    messages, images = _short_inputs(5)
+    texts = prompt_texts(processor, messages)
+    with _left_padding(processor.tokenizer):
+        inputs = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+    assert (inputs["attention_mask"] == 0).any(), "rows of different lengths: real left padding"
+    stop = stop_token_ids(model, processor.tokenizer)
+    with torch.inference_mode():
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+    stats = {}
+    got = greedy_static(model, inputs, max_new_tokens=8, stop_ids=stop, pad_token_id=processor.tokenizer.pad_token_id,
+                        use_graph=False, stats=stats)
+    for r, g in zip(ref.tolist(), got.tolist()):
+        cut = next((i for i, t in enumerate(r) if t in stop), len(r))
+        assert g[:cut + 1] == r[:cut + 1]
+    assert stats["decode_steps"] == got.shape[1] <= 8
+
+
+def test_static_graphs_answers_equal_dynamic_and_buckets_change_nothing(tiny):
+    from vqatune.generation.generate import length_batches
+
+    model, processor = tiny
+    messages, images = _short_inputs(6)
+    dynamic = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6)
+    stats = {}
+    graphs = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6,
+                              cache_implementation="static_graphs", stats=stats)
+    assert graphs == dynamic and "graph_fallback" not in stats and stats["decode_steps"] > 0
+    bucketed = {}
+    assert generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6,
+                            bucket_tokens=0, stats=bucketed) == dynamic
+    assert bucketed["batches"] > 2 and bucketed["padding_tokens"] == 0  # one length per batch
+    assert length_batches([0, 1, 2, 3], [5, 5, 9, 30], 3, 4) == [[0, 1, 2], [3]]
+    assert length_batches([0, 1, 2, 3], [5, 5, 9, 30], 3) == [[0, 1, 2], [3]]
+    assert length_batches([0, 1, 2, 3], [5, 5, 9, 30], 4, 3) == [[0, 1], [2], [3]]
+    # Too long for the sliding window: generate answers instead, and says why.
+    long_messages, long_images = _inputs(3)
+    fallback = {}
+    assert generate_answers(model, processor, long_messages, long_images, batch_size=3, max_new_tokens=6,
+                            cache_implementation="static_graphs", stats=fallback) == \
+        generate_answers(model, processor, long_messages, long_images, batch_size=3, max_new_tokens=6)
+    assert "sliding window" in fallback.get("graph_fallback", "sliding window")
+
+
+def test_a_batch_stops_once_every_row_has_ended(tiny):
+    """generate (dynamic) and the static-graph loop stop decoding when all rows produced a stop
+    token, not after max_new_tokens."""
+    import copy
+
+    model, processor = tiny
+    messages, images = _short_inputs(4)
+    first = {}
+    generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=1, stats=first)
+    texts = prompt_texts(processor, messages)
+    from vqatune.generation.generate import _left_padding
+
+    with _left_padding(processor.tokenizer):
+        inputs = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+    with torch.inference_mode():
+        tokens = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1].tolist()
+    saved = copy.deepcopy(model.generation_config)
+    try:
+        model.generation_config.eos_token_id = sorted(set(tokens))  # every row ends at its first token
+        for cache, most in (("dynamic", 1), ("static_graphs", 4)):
+            stats = {}
+            answers = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=20,
+                                       cache_implementation=cache, stats=stats)
+            assert answers == [""] * 4 and stats["decode_steps"] <= most, (cache, stats)
+    finally:
+        model.generation_config = saved

@@ -12,7 +12,8 @@ import torch
 from vqatune.cpu_numerics import use_portable_4bit_path
 from vqatune.generation.encoder import BatchEncoder
 from vqatune.models.compile import compile_layers, compile_norms, compile_wanted, freeze_gc_after_warmup
-from vqatune.models.precision import adapters_in_compute_dtype, dequantize_for_generation, freeze_for_kbit_training
+from vqatune.models.precision import (DequantizedLinear, adapters_in_compute_dtype, dequantize_4bit_layers,
+                                      dequantize_for_generation, dequantize_wanted, freeze_for_kbit_training)
 from vqatune.vision.feature_cache import (_multimodal_core, install_image_feature_cache,
                                           maybe_install_image_feature_cache, vision_cache_blocker)
 from vqatune.vision.keys import image_key_tensor
@@ -257,6 +258,74 @@ def test_dequantized_nf4_model_generates_what_the_nf4_model_generates(tiny_model
             base = model.generate(**batch, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, ref)
     assert not torch.equal(base, out)  # the adapter still acts and can still be switched off
+
+
+def test_dequantize_base_keeps_the_nf4_weights_and_outputs_and_lora_trains_on_top(tiny_model_dir):
+    """train.dequantize_base: each Linear4bit becomes a plain linear layer holding exactly what
+    bitsandbytes' dequantize_4bit gives (nf4, double quant), with the same outputs, and LoRA
+    still trains on top (the base stays frozen)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+
+    from vqatune.models.precision import prepare_for_kbit_training
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, quantization_config=q,
+                                                        device_map={"": "cpu"})
+    use_portable_4bit_path(model)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    batch = collate(processor, synthetic_qa(3, processor.image_processor.size["height"], seed=5)[:4], train=True)
+    torch.manual_seed(0)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers
+    expected = {name: dequantize_4bit(m.weight.data, m.weight.quant_state).to(m.compute_dtype)
+                for name, m in layers.items()}
+    probes = {name: torch.randn(3, m.in_features) for name, m in layers.items()}
+    with torch.no_grad():
+        outputs = {name: layers[name](x) for name, x in probes.items()}
+        logits = model(**batch).logits
+    assert dequantize_wanted("auto", model) == (False, "auto: not on CUDA")
+    assert dequantize_wanted(True, model)[0]
+
+    assert dequantize_4bit_layers(model) == len(layers)
+    modules = dict(model.named_modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    for name in layers:
+        layer = modules[name]
+        assert isinstance(layer, DequantizedLinear) and not layer.weight.requires_grad
+        assert torch.equal(layer.weight, expected[name])  # exactly the nf4-rounded weights
+        with torch.no_grad():
+            assert torch.equal(layer(probes[name]), outputs[name])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, rtol=1e-5, atol=1e-5)
+    # Like bnb's layer, the output comes back in the input's dtype (an fp32 residual stream
+    # stays fp32 under bf16 autocast, so peft adds LoRA updates to fp32 values).
+    some = next(iter(layers))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert modules[some](probes[some]).dtype == torch.float32
+
+    model = prepare_for_kbit_training(model, gradient_checkpointing=False, fp32_residual=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["up_proj", "down_proj", "q_proj"]))
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert base_before and lora_before
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in base_before.items())
+    assert any(not torch.equal(params[n], p) for n, p in lora_before.items())
 
 
 def test_freeze_without_upcast_keeps_dtypes_and_freezes(tiny_model_dir):

@@ -46,7 +46,13 @@ class EvaluateConfig:
     # cache is static (torch.compile, mode reduce-overhead = CUDA graphs; prefill stays eager):
     # the first batches pay the compilation, and each new batch shape (the last, smaller batch)
     # or cache length recompiles. CPU: no compilation, same answers (tests/test_generation.py).
-    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    # static_graphs: a static cache and the project's own greedy loop (generation.graphs), each
+    # decoding step captured once per batch as a CUDA graph and replayed (no torch.compile: the
+    # capture costs two eager steps); eager on CPU, same answers (tests/test_generation.py).
+    cache_implementation: Literal["dynamic", "static", "static_graphs"] = "dynamic"
+    # Length buckets: a generation batch also ends where a prompt is more than this many text
+    # tokens longer than the batch's first (rows are sorted by length). null: batches of batch_size.
+    bucket_tokens: Optional[int] = None
     # torch.compile every RMSNorm (vqatune.models.compile.compile_norms): a decoding step is CPU-bound on
     # a fast GPU and half its operations are Gemma's RMSNorm. null: on with a CUDA device.
     compile: Optional[bool] = None
@@ -78,3 +84,5 @@ class EvaluateConfig:
         require(self.cpu_threads is None or self.cpu_threads >= 1, f"{p}.cpu_threads",
                 "must be null (torch's default) or at least 1")
         require(self.bertscore_batch_size >= 1, f"{p}.bertscore_batch_size", "must be at least 1")
+        require(self.bucket_tokens is None or self.bucket_tokens >= 0, f"{p}.bucket_tokens",
+                "must be null or a number of tokens >= 0")

@@ -157,7 +157,8 @@ def _longest_prompts_probe(model, processor, test, images, cfg: EvaluateConfig):
         longest = sorted(range(len(messages)), key=lambda i: -len(str(messages[i])))[:n]
         generate_answers(model, processor, [messages[i] for i in longest], [images[i] for i in longest],
                          batch_size=len(longest), max_new_tokens=cfg.max_new_tokens,
-                         cache_implementation=cfg.cache_implementation)
+                         cache_implementation=cfg.cache_implementation,
+                         bucket_tokens=cfg.bucket_tokens)
     return probe
 
 
@@ -219,7 +220,8 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
             answers = generate_answers(model, processor, messages, images_, batch_size=batch_size,
                                        max_new_tokens=cfg.max_new_tokens, progress=progress,
                                        image_keys=keys, pixel_cache=pixels,
-                                       cache_implementation=cfg.cache_implementation, stats=timing)
+                                       cache_implementation=cfg.cache_implementation, stats=timing,
+                                       bucket_tokens=cfg.bucket_tokens)
         seconds = time.perf_counter() - start
         total_seconds += seconds
         total_examples += len(answers)

@@ -59,13 +59,49 @@ def prompt_texts(processor, messages_list: Sequence[list[dict]]) -> list[str]:
             for messages in messages_list]
 
 
-GENERATION_CACHES = ("dynamic", "static")
+GENERATION_CACHES = ("dynamic", "static", "static_graphs")
+
+
+def length_batches(order: list[int], lengths: list[int], batch_size: int,
+                   bucket_tokens: int | None = None) -> list[list[int]]:
+    """Rows in ``order`` (ascending length) cut into batches of at most ``batch_size``; with
+    ``bucket_tokens``, also where a row is more than that many tokens longer than its batch's first."""
+    batches: list[list[int]] = []
+    for i in order:
+        if (not batches or len(batches[-1]) >= batch_size
+                or (bucket_tokens is not None and lengths[i] - lengths[batches[-1][0]] > bucket_tokens)):
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
+def _static_graphs(model, inputs, max_new_tokens, stop, pad_token_id, timing):
+    """New tokens from ``graphs.greedy_static``, or None where it cannot run (the reason is kept
+    in ``timing["graph_fallback"]``, and a failure on the device turns it off for the model)."""
+    import logging
+
+    from .graphs import Unsupported, greedy_static
+
+    try:
+        return greedy_static(model, inputs, max_new_tokens=max_new_tokens, stop_ids=stop,
+                             pad_token_id=pad_token_id, stats=timing)
+    except Unsupported as err:
+        timing["graph_fallback"] = str(err)
+    except Exception as err:  # a capture that fails must not stop an evaluation
+        logging.getLogger(__name__).exception("static_graphs failed; generate with the dynamic cache")
+        timing["graph_fallback"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+        try:
+            model._vqatune_graphs_failed = timing["graph_fallback"]
+        except AttributeError:
+            pass
+    return None
 
 
 def generate_answers(model, processor, messages_list: Sequence[list[dict]], images: Sequence[Any],
                      *, batch_size: int = 8, max_new_tokens: int = 25, progress: bool = False,
                      image_keys: Sequence[Hashable] | None = None, pixel_cache=None,
-                     cache_implementation: str = "dynamic", stats: dict | None = None) -> list[str]:
+                     cache_implementation: str = "dynamic", stats: dict | None = None,
+                     bucket_tokens: int | None = None) -> list[str]:
     """Greedy answers, one per (messages, image), in input order.
 
     ``messages_list`` holds chat messages without the assistant turn (``prompts.build_messages``);
@@ -79,14 +115,25 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     the inputs, hence the answers, are the same as without. ``images`` is then read only for
     images not in the cache yet.
 
-    ``cache_implementation``: "dynamic" (transformers' default) or "static" (a preallocated KV
-    cache; on CUDA transformers then compiles the decoding step, see ``EvaluateConfig``).
+    ``cache_implementation``: "dynamic" (transformers' default), "static" (a preallocated KV
+    cache; on CUDA transformers then compiles the decoding step, see ``EvaluateConfig``), or
+    "static_graphs" (``generation.graphs.greedy_static``: a static cache and the project's own
+    greedy loop, each decoding step one CUDA graph replay on CUDA; where that loop does not
+    support the model, ``generate`` with the dynamic cache, the reason under
+    ``stats["graph_fallback"]``). Every path stops a batch once all its rows have ended.
+
+    ``bucket_tokens``: a batch also ends where the next (longer) prompt is more than this many
+    text tokens longer than the batch's first, so rows of very different lengths are not padded
+    to the longest (None: batches of ``batch_size`` along the length order).
 
     ``stats``, when given, gets seconds added under ``encode_wait_s`` (waiting for inputs the
     CPU threads had not finished), ``transfer_s`` (inputs to the device), ``generate_s``
     (``model.generate``, synchronised on CUDA), ``decode_s``, ``total_s``, plus ``encode_thread_s``
-    (the threads' encoding time, summed), ``rows``, ``batches`` and, with ``image_keys``,
-    ``images_processed`` / ``images_reused``. Values add up over calls sharing one dict.
+    (the threads' encoding time, summed), ``rows``, ``batches``, ``decode_steps`` (tokens
+    generated per batch, summed: fewer than ``max_new_tokens`` per batch where all rows ended
+    early), ``padding_tokens`` (text-token padding over all batches) and, with ``image_keys``,
+    ``images_processed`` / ``images_reused``; with "static_graphs" ``graph_capture_s`` and
+    ``graph_batches``. Values add up over calls sharing one dict.
     """
     import torch
 
@@ -119,7 +166,10 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     was_training = model.training
     model.eval()
     encoder = None
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = length_batches(order, lengths, batch_size, bucket_tokens)
+    timing["padding_tokens"] = sum(len(rows) * max(lengths[i] for i in rows) - sum(lengths[i] for i in rows)
+                                   for rows in batches)
+    timing["decode_steps"] = 0
     try:
         with _left_padding(tokenizer):
             # The next batch is encoded on CPU threads while the GPU generates this one
@@ -145,14 +195,20 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
             sync()
             timing["transfer_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            with torch.inference_mode():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id, **cache_kwargs)
+            output = None
+            if cache_implementation == "static_graphs" and not getattr(model, "_vqatune_graphs_failed", None):
+                output = _static_graphs(model, inputs, max_new_tokens, stop, tokenizer.pad_token_id, timing)
+            if output is None:
+                with torch.inference_mode():
+                    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id, **cache_kwargs)
+                # Left padding puts every prompt's end at the same column: the answer starts there.
+                output = output[:, inputs["input_ids"].shape[1]:]
+                timing["decode_steps"] += output.shape[1]
             sync()
             timing["generate_s"] += time.perf_counter() - clock
             clock = time.perf_counter()
-            # Left padding puts every prompt's end at the same column: the answer starts there.
-            new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+            new_tokens = output.tolist()
             # The answer ends at the turn's end: decoding alone would keep <end_of_turn> on a
             # tokenizer that does not flag it special (the tiny one), and rows that finished
             # early continue with padding.
@@ -172,5 +228,5 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
             timing.update(images_processed=pixel_cache.computed - computed,
                           images_reused=pixel_cache.reused - reused)
         for key, value in timing.items():
-            stats[key] = stats.get(key, 0) + value
+            stats[key] = value if isinstance(value, str) else stats.get(key, 0) + value
     return answers

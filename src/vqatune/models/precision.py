@@ -9,9 +9,10 @@ Every function here computes the same function as the plain Hugging Face path, c
   (``keep_residual_stream_fp32``). ``freeze_for_kbit_training`` is the benchmarks' variant.
 - ``adapters_in_compute_dtype``: LoRA weights in the base's compute dtype for generation (peft
   loads them in float32, which doubled the tuned model's generation time).
-- ``dequantize_for_generation``: nf4 weights dequantized once to bf16. For more than one row
-  bitsandbytes dequantizes to bf16 and calls the same matmul at every step, so the function
-  is unchanged while each decode step stops paying the dequantization.
+- ``dequantize_4bit_layers`` (``train.dequantize_base``; ``dequantize_for_generation``): nf4
+  weights dequantized once to the compute dtype. For more than one row bitsandbytes
+  dequantizes to that dtype and calls the same matmul at every call, so the function is
+  unchanged (QLoRA's nf4-rounded weights) while no GEMM pays the dequantization any more.
 """
 from __future__ import annotations
 
@@ -90,12 +91,65 @@ def freeze_for_kbit_training(model, *, upcast_to_fp32: bool = False,
     return model
 
 
-def dequantize_for_generation(model, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Replace every bitsandbytes 4-bit linear layer by a plain linear layer of its weights.
+class DequantizedLinear(torch.nn.Linear):
+    """A bitsandbytes 4-bit linear layer's weights, dequantized once: the nf4-rounded values.
 
-    LoRA layers keep working (PEFT calls ``base_layer(x)`` and adds the adapter), and
-    ``disable_adapter()`` still gives the base model: no second copy of the weights. Returns
-    the number of layers replaced. A no-op on a model without 4-bit layers.
+    ``forward`` computes what ``bnb.nn.Linear4bit.forward`` computes (dequantize to the compute
+    dtype, ``linear``, the output cast back to the input's dtype) without dequantizing at every
+    call. The cast back matters for training: with ``train.fp32_residual`` the input is fp32
+    and peft adds each LoRA update to the base layer's fp32 output, as it does on the 4-bit
+    layer. A subclass of ``nn.Linear``, so peft wraps it as it wraps any linear layer.
+    """
+
+    def forward(self, x):
+        out = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return out.to(x.dtype)
+
+
+def dequantized_bytes(model, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the 4-bit layers of ``model`` take once dequantized to ``dtype`` (0 without any)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+# Free GPU memory that must remain after dequantizing for ``train.dequantize_base: auto`` to turn
+# it on: MedGemma-4B training at 32 rows peaks ~8 GiB above its weights (benchmarks/results/).
+DEQUANTIZE_HEADROOM_GIB = 12.0
+
+
+def dequantize_wanted(setting, model) -> tuple[bool, str]:
+    """``train.dequantize_base``: (dequantize?, why). auto = on with CUDA when the card's free
+    memory keeps ``DEQUANTIZE_HEADROOM_GIB`` after the bf16 copies; off on CPU (bitsandbytes'
+    CPU path already dequantizes per call, and the embedded run gains nothing)."""
+    extra = dequantized_bytes(model)
+    if not extra:
+        return False, "no 4-bit layers"
+    if setting is True or setting is False:
+        return setting, "train.dequantize_base"
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return False, "auto: not on CUDA"
+    free, _ = torch.cuda.mem_get_info(device)
+    left = (free - extra) / 2**30
+    if left < DEQUANTIZE_HEADROOM_GIB:
+        return False, f"auto: {left:.1f} GiB would be left free (< {DEQUANTIZE_HEADROOM_GIB})"
+    return True, f"auto: {left:.1f} GiB left free after {extra / 2**30:.1f} GiB of bf16 weights"
+
+
+def dequantize_4bit_layers(model, dtype: torch.dtype | None = None) -> int:
+    """Replace every bitsandbytes 4-bit linear layer by a ``DequantizedLinear`` of its weights.
+
+    The weights are exactly what bitsandbytes multiplies with at every call (its
+    ``dequantize_4bit`` of the packed nf4 values, double quantization included, in the layer's
+    compute dtype unless ``dtype`` is given): QLoRA's numerics, without the per-call
+    dequantization. Call it before peft wraps the model (training) or after (generation): LoRA
+    layers keep working (peft calls ``base_layer(x)`` and adds the adapter), and
+    ``disable_adapter()`` still gives the base model. Returns the number of layers replaced;
+    a no-op on a model without 4-bit layers.
     """
     try:
         import bitsandbytes as bnb
@@ -107,19 +161,25 @@ def dequantize_for_generation(model, dtype: torch.dtype = torch.bfloat16) -> int
         for name, child in list(parent.named_children()):
             if not isinstance(child, bnb.nn.Linear4bit):
                 continue
-            weight = dequantize_4bit(child.weight.data, child.weight.quant_state).to(dtype)
-            linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                     device=weight.device, dtype=dtype)
-            linear.weight.data = weight.reshape(child.out_features, child.in_features)
-            linear.weight.requires_grad_(False)
+            target = dtype or child.compute_dtype or torch.float32
+            weight = dequantize_4bit(child.weight.data, child.weight.quant_state).to(target)
+            linear = DequantizedLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                       device="meta", dtype=target)
+            linear.weight = torch.nn.Parameter(weight.reshape(child.out_features, child.in_features),
+                                               requires_grad=False)
             if child.bias is not None:
-                linear.bias.data = child.bias.data.to(dtype)
-                linear.bias.requires_grad_(False)
+                linear.bias = torch.nn.Parameter(child.bias.data.to(target), requires_grad=False)
             setattr(parent, name, linear)
+            del child
             replaced += 1
     if replaced and torch.cuda.is_available():
         torch.cuda.empty_cache()
     return replaced
+
+
+def dequantize_for_generation(model, dtype: torch.dtype = torch.bfloat16) -> int:
+    """``dequantize_4bit_layers`` in ``dtype`` (bf16 by default), for generation."""
+    return dequantize_4bit_layers(model, dtype)
 
 
 def adapters_in_compute_dtype(model) -> int:

@@ -56,6 +56,12 @@ class TrainConfig:
     # 0.68 of the loss drop the guide's fp32 recipe got (benchmarks/results/gpu_bench_h100.json),
     # and at lr 5e-5 none of it (CPU, nf4, scaled tiny model). No effect on fp32 models.
     fp32_residual: bool = True
+    # QLoRA numerics at bf16 speed: each nf4 layer's weights dequantized once after loading
+    # (vqatune.models.precision.dequantize_4bit_layers), exactly the values bitsandbytes
+    # multiplies with at every call, so the GEMMs skip the per-call dequantization. Costs the
+    # bf16 size of the quantized weights (~6 GiB more on MedGemma-4B). auto: on with CUDA when
+    # 12 GiB stay free after it, off on CPU; false for a 16 GB card. Only with quantization 4bit.
+    dequantize_base: Union[bool, Literal["auto"]] = "auto"
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
     # Data. The prompt mode trained on (evaluation still tries all three); mix: each row under a

@@ -48,6 +48,7 @@ class TrainResult:
     precision: str
     fp32_residual: bool          # the residual stream ran in fp32 (train.fp32_residual with mixed precision)
     compiled_layers: int         # transformer layers compiled (train.compile; 0 = eager)
+    dequantized_layers: int      # nf4 layers dequantized once to bf16 (train.dequantize_base; 0 = off)
     resumed: bool
     resumed_from_step: int
     partial: bool
@@ -177,11 +178,12 @@ def _run_dir(s: _Setup) -> tuple[Path, Optional[Path]]:
 
 
 def _build_model(s: _Setup):
-    """(model with LoRA, processor, image-feature cache or None, compiled layers, fp32 residual)."""
+    """(model with LoRA, processor, image-feature cache or None, compiled layers, fp32 residual,
+    dequantized layers)."""
     from ..models.compile import compile_layers, compile_wanted
     from ..models.loading import load_base_model, load_processor
     from ..models.lora import attach_lora
-    from ..models.precision import prepare_for_kbit_training
+    from ..models.precision import dequantize_4bit_layers, dequantize_wanted, prepare_for_kbit_training
     from ..vision.feature_cache import maybe_install_image_feature_cache
 
     cfg = s.cfg
@@ -189,6 +191,13 @@ def _build_model(s: _Setup):
     model = load_base_model(s.model_dir, quantization=cfg.quantization, compute_dtype=s.compute_dtype,
                             dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                             trust_remote_code=s.trust_remote_code, device=s.device)
+    dequantized = 0
+    wanted, why = dequantize_wanted(cfg.dequantize_base, model)
+    if wanted:
+        # Before peft: its LoRA layers then wrap plain linear layers holding the nf4-rounded weights.
+        dequantized = dequantize_4bit_layers(model)
+    log.info("train.dequantize_base=%s: %d 4-bit layers dequantized once (%s)", cfg.dequantize_base,
+             dequantized, why)
     # An fp32 stream needs autocast (mixed precision) to feed the bf16 weights' matmuls.
     fp32_residual = cfg.fp32_residual and s.precision in ("bf16", "fp16")
     model = prepare_for_kbit_training(model, cfg.gradient_checkpointing, fp32_residual=fp32_residual)
@@ -201,7 +210,7 @@ def _build_model(s: _Setup):
         towers = ("DecoderLayer",) if feature_cache is not None else ("DecoderLayer", "EncoderLayer")
         compiled_layers = compile_layers(model, towers=towers)
         log.info("torch.compile: %d layers (the first steps compile)", compiled_layers)
-    return model, processor, feature_cache, compiled_layers, fp32_residual
+    return model, processor, feature_cache, compiled_layers, fp32_residual, dequantized
 
 
 def _run(s: _Setup) -> TrainResult:
@@ -220,7 +229,7 @@ def _run(s: _Setup) -> TrainResult:
     train_ds, eval_ds = _load_splits(s)
     run_dir, checkpoint = _run_dir(s)
     resumed_from = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-    model, processor, feature_cache, compiled_layers, fp32_residual = _build_model(s)
+    model, processor, feature_cache, compiled_layers, fp32_residual, dequantized = _build_model(s)
     trainable, total = trainable_parameters(model)
 
     # Training
@@ -295,6 +304,7 @@ def _run(s: _Setup) -> TrainResult:
         precision=s.precision,
         fp32_residual=fp32_residual,
         compiled_layers=compiled_layers,
+        dequantized_layers=dequantized,
         resumed=checkpoint is not None,
         resumed_from_step=resumed_from,
         partial=interrupted,
