@@ -45,8 +45,8 @@ class MergeConfig:
     # Merging is one small matmul per adapted layer: cpu needs no GPU and ~1x the model in RAM.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Compare base+adapter logits with the merged model's on one probe (image + question) and
-    # stop when they differ by more than verify_rtol of the largest logit. bf16 rounds the fused
-    # weights (~0.4% each): expect ~1e-2 there, ~1e-6 in float32.
+    # stop when they differ by more than verify_rtol of the largest logit. Both run in float32, so
+    # the difference is the fused weights' rounding: bf16 ~0.4% each, ~1e-2 of the logits; float32 ~1e-6.
     verify: bool = True
     verify_rtol: float = 0.05
 
@@ -137,13 +137,30 @@ def probe_inputs(processor, image_size: Optional[int] = None):
 
 
 def probe_logits(model, inputs):
+    """The probe's logits, computed in float32 whatever the weights' dtype.
+
+    bf16 or fp16 weights are widened in place for the forward pass and narrowed back afterwards
+    (exact both ways), so base+adapter and the merged model differ only by what the merge changed
+    (the fused weights rounded to the checkpoint's dtype). Computed in bf16, both forwards carry
+    bf16's own rounding noise: on MedGemma-4B's 34 layers that alone moved the largest logit by
+    ~6% (over merge.verify_rtol) with a correct merge (docs/medgemma.md). Costs a float32 copy's
+    memory (2x a bf16 model) for the probe.
+    """
     import torch
 
-    param = next(p for p in model.parameters() if p.is_floating_point())
-    batch = {k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
-             for k, v in inputs.items()}
-    with torch.inference_mode():
-        return model(**batch).logits.float().cpu()
+    narrow = [t for t in [*model.parameters(), *model.buffers()] if t.dtype in (torch.bfloat16, torch.float16)]
+    dtypes = [t.dtype for t in narrow]
+    for t in narrow:
+        t.data = t.data.float()
+    try:
+        param = next(p for p in model.parameters() if p.is_floating_point())
+        batch = {k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
+                 for k, v in inputs.items()}
+        with torch.inference_mode():
+            return model(**batch).logits.float().cpu()
+    finally:
+        for t, dtype in zip(narrow, dtypes):
+            t.data = t.data.to(dtype)
 
 
 def write_added_tokens_decoder(tokenizer, out_dir: Path) -> None:
