@@ -93,7 +93,8 @@ def build_tiny_bert(out_dir: Path) -> Path:
     vocab = list(dict.fromkeys(vocab))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(str(out_dir / "vocab.txt")).save_pretrained(out_dir)
+    # model_max_length: bert-score truncates to it (unset, it is 1e30 and the tokenizer overflows)
+    BertTokenizer(str(out_dir / "vocab.txt"), model_max_length=512).save_pretrained(out_dir)
     import torch
 
     torch.manual_seed(0)
