@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
 from vqatune.evaluation.config import EvaluateConfig
 from vqatune.evaluation.gallery import write_error_gallery
 from vqatune.evaluation.plots import plot_by_category, plot_configurations, write_plot_data
 from vqatune.evaluation.run import evaluate_models, write_predictions
-from vqatune.outputs import write_metrics
+from vqatune.outputs import fresh_staging, replace_dir, write_metrics
 from vqatune.provenance import record
 
 
@@ -45,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Outputs: predictions and plots first, the metrics last, so a run killed midway leaves no
     # eval.json that looks complete.
+    # Each folder is written to a staging sibling renamed into place (outputs.replace_dir).
     write_predictions(report.predictions, args.predictions)
-    plots = Path(args.plots)
+    plots = fresh_staging(args.plots)
     write_plot_data(report.scores, report.by_category, plots)
     plot_configurations(report.scores, plots / "configurations.png")
     plot_by_category(report.by_category, plots / "by_category.png")
     write_error_gallery(report.predictions, report.scores, args.data, plots / "errors")
+    replace_dir(plots, args.plots, "evaluate-plots")
     write_metrics(args.by_category, report.by_category)
     provenance = record(params={"evaluate": cfg, "model.trust_remote_code": trust},
                         inputs=[args.base, args.adapter, args.data])

@@ -20,7 +20,7 @@ import sys
 import time
 
 from vqatune.config import ConfigError, ModelConfig, load_params, section
-from vqatune.outputs import write_json, write_metrics
+from vqatune.outputs import fresh_staging, replace_dir, write_json, write_metrics
 from vqatune.provenance import record
 from vqatune.search.config import TuneConfig
 from vqatune.search.objective import tune
@@ -28,6 +28,16 @@ from vqatune.search.report import best_params_record, disabled_outputs, search_m
 from vqatune.search.workers import SearchError, trial_counts
 from vqatune.training.config import TrainConfig
 from vqatune.training.distributed import interrupt_on_sigterm
+
+
+def write_outputs(args, study, best: dict, metrics: dict, cfg: TuneConfig) -> None:
+    """Plots (through a staging folder), then best_params.json, then the metrics, each renamed
+    into place: a stage killed midway leaves no best_params.json or metrics that look done."""
+    staging = fresh_staging(args.plots)
+    write_plots(study, staging, objective=cfg.objective, seed=cfg.seed)
+    replace_dir(staging, args.plots, "tune")
+    write_json(args.best_params, best)
+    write_metrics(args.metrics, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = section(params, "tune", TuneConfig)
         if not cfg.enabled:
             best, metrics = disabled_outputs()
-            write_json(args.best_params, best)
-            write_metrics(args.metrics, {**metrics, "provenance": record(params={"tune": cfg})})
-            write_plots(None, args.plots, objective=cfg.objective)
+            write_outputs(args, None, best, {**metrics, "provenance": record(params={"tune": cfg})}, cfg)
             print("tune: disabled (tune.enabled: false); training uses train: as it is")
             return 0
         train_cfg = section(params, "train", TrainConfig)
@@ -79,12 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     best = best_params_record(study)
-    write_json(args.best_params, best)
     provenance = record(params={"tune": cfg, "train": train_cfg, "model.trust_remote_code": trust},
                         inputs=[args.model, args.data])
-    write_metrics(args.metrics, {**search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage),
-                                 "provenance": provenance})
-    write_plots(study, args.plots, objective=cfg.objective, seed=cfg.seed)
+    write_outputs(args, study, best, {**search_metrics(study, cfg, seconds=seconds, storage_url=cfg.storage),
+                                      "provenance": provenance}, cfg)
     print(f"tune: study {study.study_name}: {summary}; best {cfg.objective} {best['best_value']:.4f} "
           f"(trial {best['trial']}): {best['params']}")
     return 0

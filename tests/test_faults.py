@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +48,16 @@ def child_env(**extra) -> dict:
     return env
 
 
+def killed(script: str, argv: list[str], fault: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``stages/<script>`` as its own process (forked: conftest_fork) with the fault point
+    ``fault`` armed (vqatune.faults); it must die by SIGKILL."""
+    from conftest_fork import run_stage_forked
+
+    proc = run_stage_forked(script, argv, cwd=cwd, env={"VQATUNE_FAULT": fault})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc
+
+
 # --------------------------------------------------------------------------------------
 # 1. A kill while a checkpoint is written; corrupt checkpoint files
 # --------------------------------------------------------------------------------------
@@ -69,25 +78,15 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
     return shutil.copytree(run_dir, dest, ignore=lambda _, names: [n for n in names if n == "checkpoint-5"])
 
 
-CHILD = """
-import sys
-from vqatune.config import load_params, section
-from vqatune.training.config import TrainConfig, apply_overrides
-from vqatune.training.run import run_training
-import json
-cfg = apply_overrides(section(load_params(sys.argv[1]), "train", TrainConfig), json.loads(sys.argv[2]))
-run_training(cfg, sys.argv[3], sys.argv[4], sys.argv[5], checkpoint_dir=sys.argv[6])
-"""
-
-
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_previous_one(
         whole_run, tiny_model_dir, processed_dir, tmp_path, caplog):
     whole, whole_adapter, _ = whole_run
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(REPO / "params.yaml"), json.dumps(TRAIN), str(tiny_model_dir),
-         str(processed_dir), str(tmp_path / "killed"), str(ckpt)],
-        env=child_env(VQATUNE_FAULT="checkpoint-write:4"), capture_output=True, text=True, timeout=600)
+    from conftest_fork import run_forked
+
+    proc = run_forked(lambda: run_training(train_config(), tiny_model_dir, processed_dir, tmp_path / "killed",
+                                           checkpoint_dir=ckpt) and None,
+                      cwd=tmp_path, env={"VQATUNE_FAULT": "checkpoint-write:4"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     (run_dir,) = ckpt.iterdir()
     torn = run_dir / "checkpoint-4" / "trainer_state.json"
@@ -413,14 +412,10 @@ def test_a_batch_file_that_is_not_utf8_is_one_line(tiny_model_dir, tmp_path, cap
 # --------------------------------------------------------------------------------------
 
 def run_with_disk_limit(script: str, args: list[str], limit_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
-    import resource
+    """The stage as its own process (forked: conftest_fork) under RLIMIT_FSIZE, SIGXFSZ ignored."""
+    from conftest_fork import run_stage_forked
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return subprocess.run([sys.executable, str(REPO / "stages" / script), *args], cwd=cwd, env=child_env(),
-                          preexec_fn=limit, capture_output=True, text=True, timeout=600)
+    return run_stage_forked(script, args, cwd=cwd, file_limit=limit_bytes)
 
 
 def assert_one_line_disk_error(proc, stage: str) -> str:
@@ -462,8 +457,9 @@ def test_train_on_a_full_disk_fails_in_one_line_and_the_rerun_completes(tiny_mod
     assert list(ckpt.glob("*/checkpoint-*")), "the limit should hit the first checkpoint"
     assert not out.exists() and not metrics.exists()
     # The half-written checkpoint is never resumed: the rerun (disk freed) starts over and finishes.
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), *args], cwd=tmp_path,
-                          env=child_env(), capture_output=True, text=True, timeout=600)
+    from conftest_fork import run_stage_forked
+
+    proc = run_stage_forked("train.py", args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "incomplete or corrupt" in proc.stderr and "starting over" in proc.stderr
     assert json.loads(metrics.read_text())["steps"] == 4 and (out / "adapter_model.safetensors").exists()
@@ -534,7 +530,13 @@ def stage_inputs(tiny_model_dir, merged_dir, small_params) -> dict:
             "export": ["--merged", str(merged_dir), "--params", str(small_params)]}
 
 
-@pytest.mark.parametrize("stage", ["prepare", "merge", "export"])
+# Where each stage is killed: its largest staging file half written, just before the rename; for
+# export, once the text GGUF is written and before the converter's second run (mmproj), which
+# spares the test one conversion (~6 s of CPU: the converter imports torch afresh).
+STAGE_WRITE_FAULTS = {"prepare": "prepare-write", "merge": "merge-write", "export": "export-text-write"}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_WRITE_FAULTS))
 def test_sigkill_while_a_stage_writes_its_output_leaves_nothing_done_and_the_rerun_matches(
         stage, stage_inputs, tmp_path):
     from conftest_metrics import without_run_measures
@@ -549,10 +551,7 @@ def test_sigkill_while_a_stage_writes_its_output_leaves_nothing_done_and_the_rer
     whole = fingerprint(out), without_run_measures(json.loads(metrics.read_text()))
     shutil.rmtree(out), metrics.unlink()
 
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), *argv], cwd=tmp_path,
-                          env=child_env(VQATUNE_FAULT=f"{stage}-write"), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed(f"{stage}.py", argv, STAGE_WRITE_FAULTS[stage], tmp_path)
     assert not out.exists() and not metrics.exists()   # nothing DVC would take as done
     (staging,) = [p for p in tmp_path.iterdir() if p.name not in ("out", "metrics.json")]
     assert staging.name in ("out.tmp", ".out.partial"), staging  # the half-written staging folder
@@ -831,3 +830,198 @@ def test_evaluate_on_a_damaged_base_model_is_one_line(tiny_model_dir, adapter_di
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
     assert code == 2 and len(err) == 1 and f"{base / 'model.safetensors'} is damaged" in err[0], err
     assert not (tmp_path / "eval.json").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 10. SIGKILL of base_model, tune (mid-search and mid-write) and evaluate (mid-write)
+# --------------------------------------------------------------------------------------
+
+def test_sigkill_while_base_model_writes_leaves_nothing_done_and_the_rerun_matches(tiny_model_dir, tmp_path):
+    from conftest_stages import load_stage
+
+    import dataclasses
+
+    import yaml
+
+    from vqatune.config import ModelConfig
+    from vqatune.provenance import fingerprint
+
+    # The session's tiny model (ModelConfig's defaults) is the uninterrupted run.
+    params = {**good_params(), "model": dataclasses.asdict(ModelConfig())}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "base"
+    argv = ["--out", str(out), "--params", str(tmp_path / "params.yaml")]
+    killed("base_model.py", argv, "base_model-write", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.tmp", "params.yaml"]  # nothing looks done
+    staging = tmp_path / "base.tmp"
+    assert staging.is_dir() and fingerprint(staging) != fingerprint(tiny_model_dir)  # half written
+    assert load_stage("base_model").main(argv) == 0      # the rerun
+    assert not staging.exists() and fingerprint(out) == fingerprint(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tune_params(tmp_path_factory) -> Path:
+    """A search of 2 tiny trials (1 step of at most 2 batches of 4, one evaluation of 8 rows) on
+    its own SQLite file."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("tune")
+    params = good_params()
+    params["tune"].update({"storage": f"sqlite:///{root}/study.db", "n_trials": 2, "max_steps": 1,
+                           "evals_per_trial": 1, "eval_rows": 8, "train_fraction": 0.2,
+                           "heartbeat_seconds": 30, "grace_seconds": 600})  # the dead pid is seen at once
+    params["tune"]["search_space"]["gradient_accumulation_steps"] = {"kind": "categorical", "choices": [1, 2]}
+    params["train"].update({"batch_size": 4, "eval_batch_size": 8})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root / "params.yaml"
+
+
+def tune_argv(params: Path, model: Path, data: Path, out: Path) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--best-params", str(out / "best_params.json"),
+            "--metrics", str(out / "tune.json"), "--plots", str(out / "plots"), "--params", str(params)]
+
+
+def load_tune_study(params: Path):
+    import optuna
+
+    storage = yaml_value(params, "tune", "storage")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def yaml_value(path: Path, *keys):
+    import yaml
+
+    node = yaml.safe_load(path.read_text())
+    for key in keys:
+        node = node[key]
+    return node
+
+
+@pytest.fixture(scope="module")
+def killed_search(tune_params, tiny_model_dir, processed_dir, tmp_path_factory):
+    """The tune stage SIGKILLed inside trial 1 (after its first evaluation), then run again."""
+    from conftest_stages import load_stage
+
+    out = tmp_path_factory.mktemp("tune-out")
+    argv = tune_argv(tune_params, tiny_model_dir, processed_dir, out)
+    killed("tune.py", argv, "trial-eval:1", out)
+    left = sorted(p.name for p in out.iterdir())
+    study = load_tune_study(tune_params)
+    before = [(t.number, t.state.name, t.params, t.value) for t in study.trials]
+    assert load_stage("tune").main(argv) == 0
+    return out, left, before
+
+
+def test_a_search_killed_mid_trial_resumes_keeping_its_finished_trials(killed_search, tune_params):
+    from vqatune.search.report import best_params_record
+    from vqatune.search.workers import trial_counts
+
+    out, left, before = killed_search
+    # Killed: trial 0 complete, trial 1 running; no output that looks done.
+    assert [(n, s) for n, s, *_ in before] == [(0, "COMPLETE"), (1, "RUNNING")], before
+    assert left == [], left
+    study = load_tune_study(tune_params)
+    after = {t.number: t for t in study.trials}
+    assert (after[0].params, after[0].value) == (before[0][2], before[0][3])   # kept as it was
+    assert after[1].state.name == "FAIL" and "died mid-trial" in after[1].user_attrs["fail_reason"]
+    counts = trial_counts(study)
+    assert counts["complete"] == 2 and counts["abandoned"] == 1 and counts["failed"] == counts["running"] == 0
+    # Outputs consistent with the study: the best complete trial, and the counts.
+    best = json.loads((out / "best_params.json").read_text())
+    assert best == json.loads(json.dumps(best_params_record(study)))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert best["best_value"] == min(t.value for t in complete) and best["trial"] == study.best_trial.number
+    metrics = json.loads((out / "tune.json").read_text())
+    assert (metrics["trials_complete"], metrics["trials_abandoned"], metrics["best_trial"]) == (2, 1, best["trial"])
+    history = (out / "plots" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3   # header + 2 complete + the abandoned trial
+
+
+@pytest.mark.parametrize("fault", ["tune-write", "atomic-write:best_params.json"])
+def test_sigkill_while_tune_writes_leaves_nothing_done_and_the_rerun_matches(
+        fault, killed_search, tune_params, tiny_model_dir, processed_dir, tmp_path):
+    """On the finished study of ``killed_search``: no trial runs again, only the outputs are written."""
+    from conftest_metrics import without_run_measures
+    from conftest_stages import load_stage
+
+    from vqatune.provenance import fingerprint
+
+    whole = killed_search[0]
+    argv = tune_argv(tune_params, tiny_model_dir, processed_dir, tmp_path)
+    trials = len(load_tune_study(tune_params).trials)
+    killed("tune.py", argv, fault, tmp_path)
+    assert not (tmp_path / "best_params.json").exists() and not (tmp_path / "tune.json").exists()
+    if fault == "tune-write":
+        assert not (tmp_path / "plots").exists() and (tmp_path / "plots.tmp").is_dir()
+    else:  # the half-written temporary is never taken for the file
+        (torn,) = tmp_path.glob(f".{fault.split(':')[1]}.*.tmp")
+    assert load_stage("tune").main(argv) == 0
+    assert len(load_tune_study(tune_params).trials) == trials
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_params.json", "plots", "tune.json"]
+    assert (tmp_path / "best_params.json").read_bytes() == (whole / "best_params.json").read_bytes()
+    assert without_run_measures(json.loads((tmp_path / "tune.json").read_text())) == \
+        without_run_measures(json.loads((whole / "tune.json").read_text()))
+    assert fingerprint(tmp_path / "plots") == fingerprint(whole / "plots")
+
+
+@pytest.fixture(scope="module")
+def eval_params(tmp_path_factory) -> Path:
+    """evaluate on 6 test rows, 4 new tokens, BERTScore from the first layer: every configuration,
+    score and plot, in seconds."""
+    import yaml
+
+    params = good_params()
+    params["evaluate"].update({"subset_size": 6, "max_new_tokens": 4, "batch_size": 6, "bertscore_layers": 1})
+    path = tmp_path_factory.mktemp("eval-params") / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def eval_argv(params: Path, base: Path, adapter: Path, data: Path, out: Path) -> list[str]:
+    return ["--base", str(base), "--adapter", str(adapter), "--data", str(data), "--metrics", str(out / "eval.json"),
+            "--by-category", str(out / "by_category.json"), "--predictions", str(out / "predictions"),
+            "--plots", str(out / "plots"), "--params", str(params)]
+
+
+# Each fault point of evaluate's writes, in the order the stage reaches them, and what the killed
+# run leaves: never eval.json (the stage is not done), at most the folders renamed into place
+# before the kill, the staging folder it was writing, or the half-written temporary of eval.json.
+EVAL_FAULTS = [
+    ("evaluate-predictions-write", ["predictions.tmp"]),
+    ("evaluate-plots-write", ["plots.tmp", "predictions"]),
+    ("atomic-write:eval.json", [".eval.json.tmp", "by_category.json", "plots", "predictions"]),
+]
+
+
+def test_sigkill_while_evaluate_writes_leaves_no_eval_json_and_the_rerun_matches(
+        eval_params, tiny_model_dir, adapter_dir, processed_dir, tmp_path):
+    """Killed at each fault point in turn, each run the rerun of the one before in the same
+    folder (what it left is cleaned up), the last one uninterrupted: its predictions, plots and
+    metrics (less timings) are those of an uninterrupted run in a fresh folder."""
+    import re
+
+    from conftest_metrics import without_run_measures
+    from conftest_stages import load_stage
+
+    from vqatune.provenance import fingerprint
+
+    whole = tmp_path / "whole"
+    assert load_stage("evaluate").main(eval_argv(eval_params, tiny_model_dir, adapter_dir, processed_dir, whole)) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = eval_argv(eval_params, tiny_model_dir, adapter_dir, processed_dir, out)
+    for fault, left in EVAL_FAULTS:
+        killed("evaluate.py", argv, fault, tmp_path)
+        assert sorted(re.sub(r"^\.eval\.json\..*\.tmp$", ".eval.json.tmp", p.name) for p in out.iterdir()) == left
+        if fault.startswith("atomic-write"):
+            (torn,) = out.glob(".eval.json.*.tmp")
+            with pytest.raises(ValueError):
+                json.loads(torn.read_text())            # half written, under another name
+    assert load_stage("evaluate").main(argv) == 0       # the last rerun
+    assert sorted(p.name for p in out.iterdir()) == ["by_category.json", "eval.json", "plots", "predictions"]
+    assert fingerprint(out / "predictions") == fingerprint(whole / "predictions")
+    assert fingerprint(out / "plots") == fingerprint(whole / "plots")
+    for name in ("eval.json", "by_category.json"):
+        assert without_run_measures(json.loads((out / name).read_text())) == \
+            without_run_measures(json.loads((whole / name).read_text())), name

@@ -4,11 +4,19 @@ tests) a fault point costs one ``os.environ`` lookup.
 
     VQATUNE_FAULT=checkpoint-write:<step>   SIGKILL while that step's checkpoint is written
     VQATUNE_FAULT=<stage>-write             SIGKILL while the stage's staging folder is half
-                                            written (prepare, train, merge, export: just before
-                                            ``outputs.replace_dir`` renames it into place)
+                                            written, just before ``outputs.replace_dir`` renames
+                                            it into place: base_model, prepare, train, merge,
+                                            export, tune (its plots), evaluate-predictions,
+                                            evaluate-plots; and export-text (export's staging
+                                            once the text GGUF is written, before the mmproj)
     VQATUNE_FAULT=pause-<stage>-write:<file> there, create <file>.waiting and wait until <file>
                                             exists (a slow stage without sleeps: tests hold a
                                             `dvc repro` mid-stage)
+    VQATUNE_FAULT=atomic-write:<name>       SIGKILL while ``outputs.write_atomic`` writes a file
+                                            of that name (metrics, best_params.json): its
+                                            temporary half written, before the rename
+    VQATUNE_FAULT=trial-eval:<trial>        SIGKILL inside search trial <trial> (its number in the
+                                            study) just after its first evaluation is reported
 """
 from __future__ import annotations
 
@@ -20,9 +28,14 @@ from pathlib import Path
 FAULT_ENV = "VQATUNE_FAULT"
 
 
-def fault_armed(point: str, step: int) -> bool:
+def fault_armed(point: str, step: int | str) -> bool:
     """True when ``VQATUNE_FAULT`` is ``<point>:<step>``: one environment lookup, nothing else."""
     return os.environ.get(FAULT_ENV) == f"{point}:{step}"
+
+
+def kill_now() -> None:
+    """SIGKILL this process: no handler, no clean-up, as the OOM killer or `kill -9` would."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def kill_mid_write(path: str | Path) -> None:
@@ -33,7 +46,7 @@ def kill_mid_write(path: str | Path) -> None:
         fh.truncate(len(data) // 2)
         fh.flush()
         os.fsync(fh.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
+    kill_now()
 
 
 def staging_fault_point(stage: str, staging: Path) -> None:

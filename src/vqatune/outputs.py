@@ -7,6 +7,7 @@ midway, or data that cannot be serialised, leaves the previous file (or none) an
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, TextIO
+
+from .faults import FAULT_ENV, fault_armed, kill_mid_write, staging_fault_point
 
 
 def write_atomic(path: str | Path, write: Callable[[TextIO], Any] | str) -> Path:
@@ -24,17 +27,23 @@ def write_atomic(path: str | Path, write: Callable[[TextIO], Any] | str) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = f".{path.name}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             if callable(write):
                 write(fh)
             else:
                 fh.write(write)
+        if os.environ.get(FAULT_ENV) is not None and fault_armed("atomic-write", path.name):
+            kill_mid_write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # What an earlier writer killed before its rename left (never taken for the file: another name).
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -59,14 +68,21 @@ def replace_dir(staging: str | Path, out_dir: str | Path, stage: str) -> Path:
     ``out_dir``. Killed before the rename, a stage leaves only the staging folder, which its rerun
     deletes; killed between the removal and the rename, no ``out_dir``: DVC reruns the stage either
     way. ``stage``: the name of the fault point here (``faults.staging_fault_point``)."""
-    from .faults import staging_fault_point
-
     staging, out_dir = Path(staging), Path(out_dir)
     staging_fault_point(stage, staging)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return out_dir
+
+
+def fresh_staging(out_dir: str | Path) -> Path:
+    """An empty staging folder for ``out_dir`` (``<out_dir>.tmp``, its sibling), a killed earlier
+    run's leftover deleted: write there, then ``replace_dir`` it into place."""
+    staging = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
 
 
 # errno of a full disk, a full quota, and a file over RLIMIT_FSIZE (how the tests fill the disk).

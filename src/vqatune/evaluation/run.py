@@ -275,15 +275,11 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
 
 def write_predictions(predictions: dict[str, list[dict]], out_dir: str | Path) -> None:
     """One JSONL file per configuration under ``out_dir`` (replaced as a whole)."""
-    import shutil
+    from ..outputs import fresh_staging, replace_dir
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_staging(out_dir)
     for name, rows in predictions.items():
         with (tmp / f"{name}.jsonl").open("w") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir, "evaluate-predictions")

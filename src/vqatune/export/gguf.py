@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import require
+from ..faults import staging_fault_point
 from ..outputs import replace_dir
 from .converter import convert
 from .merge import ORIGINAL_PREFIXES, PROBE_QUESTION, layout_problems, tensor_names
@@ -287,6 +288,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, 
     staging.mkdir()
     text_path, mmproj_path = gguf_paths(staging, cfg.name)
     convert(merged_dir, text_path, cfg.outtype, converter=converter)
+    staging_fault_point("export-text", staging)  # the fault tests: killed between the two files
     convert(merged_dir, mmproj_path, cfg.mmproj_outtype, mmproj=True, converter=converter)
     text, mmproj = check_gguf_pair(merged_dir, text_path, mmproj_path)
     write_modelfiles(staging, cfg.name, system_prompt, merged_dir=merged_dir,

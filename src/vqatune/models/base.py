@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig
+from ..outputs import replace_dir
 
 # What a model folder needs; pickled *.bin weights are never fetched or copied.
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -23,9 +24,7 @@ def _atomic(out_dir: Path, fill) -> Path:
     if not any(tmp.glob("*.safetensors")):
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError("model.id: no *.safetensors weights found; vqatune loads safetensors only")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    return replace_dir(tmp, out_dir, "base_model")
 
 
 def copy_files(folder: Path, tmp: Path) -> None:

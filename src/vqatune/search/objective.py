@@ -8,6 +8,7 @@ import json
 from typing import Any, Callable, Optional, Sequence
 
 from ..config import ConfigError, as_dict
+from ..faults import fault_armed, kill_now
 from ..provenance import code_signature, folder_signature
 from ..training.config import apply_overrides
 from .config import SearchParam, TuneConfig
@@ -89,6 +90,8 @@ def _pruning_callback_class():
                                   f"({', '.join(sorted(k for k in self.last_metrics if k.startswith('eval_')))})")
             self.reported.add(index)
             self.trial.report(float(self.last_metrics[self.objective]), index)
+            if index == 1 and fault_armed("trial-eval", self.trial.number):
+                kill_now()  # the fault tests: a search killed mid-trial
             if self.trial.should_prune():
                 self.pruned_at = index
                 control.should_training_stop = True
