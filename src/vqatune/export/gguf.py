@@ -56,11 +56,17 @@ class ExportConfig:
     verify_rtol: float = 0.05
     # The Ollama release the Modelfiles are written for (README, "Export to llama.cpp and Ollama").
     ollama_version: str = "0.6.2"
+    # Test rows asked of the GGUF pair through llama.cpp (llama-cpp-python, where importable:
+    # $VQATUNE_LLAMA_CPP_PYTHON) and compared with the evaluate stage's predictions for the tuned
+    # model in the trained prompt mode: gguf_agreement in metrics/export.json. A fixed sample
+    # spread over the question categories; 0 = not measured.
+    agreement_rows: int = 48
 
     def validate(self, p: str) -> None:
         require(re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", self.name) is not None, f"{p}.name",
                 "must be 1-64 lower-case letters, digits, '.', '_' or '-' (a file and Ollama name)")
         require(self.verify_rtol > 0, f"{p}.verify_rtol", "must be a positive number")
+        require(self.agreement_rows >= 0, f"{p}.agreement_rows", "must be 0 (off) or a number of rows")
 
 
 def gguf_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
