@@ -548,6 +548,7 @@ def test_gguf_answers_like_the_evaluated_model(merged_dir, exported, tmp_path):
                                tmp_path / "data", tmp_path / "predictions", prompts, len(questions), 12)
     print(json.dumps(result, indent=1))
     assert result["gguf_agreement_n"] == len(questions)
+    assert result["gguf_prompt_length_differs"] == 0  # the image's blank lines: convert_hooks.py
     # Never a different prompt (the chat template's blank lines, the image tokens) nor an answer
     # that parts where transformers was sure of its token.
     for difference in result["gguf_differences"]:

@@ -155,11 +155,14 @@ def _divergence(model, processor, inputs, evaluated: str, gguf: str, llama_token
 
 def measure_agreement(python: str, text_path: Path, mmproj_path: Path, merged_dir: Path,
                       data_dir: Path, predictions_dir: Path, prompts, n_rows: int,
-                      max_tokens: int, *, predictions_name: Optional[str] = None) -> dict:
+                      max_tokens: int, *, prompt_mode: Optional[str] = None) -> dict:
     """The GGUF agreement for ``metrics/export.json``: ``n_rows`` rows of the evaluate stage's
     predictions for the tuned model in the trained prompt mode (``sample_rows``), asked of the
     exported pair through llama.cpp with the same prepared test images; every difference with
-    its reason (a different prompt, or transformers' margin where the answers part)."""
+    its reason (a different prompt, or transformers' margin where the answers part).
+    ``prompt_mode`` overrides the trained mode (to check the other modes' predictions)."""
+    import time
+
     import tempfile
 
     from ..data.processed import load_prepared
@@ -167,8 +170,9 @@ def measure_agreement(python: str, text_path: Path, mmproj_path: Path, merged_di
     from ..models.metadata import inference_prompt_mode, trained_prompt_mode
     from ..prompts import build_messages
 
-    mode = inference_prompt_mode(trained_prompt_mode(merged_dir))
-    pred_file = Path(predictions_dir) / (predictions_name or f"tuned_{mode}.jsonl")
+    start = time.perf_counter()
+    mode = prompt_mode or inference_prompt_mode(trained_prompt_mode(merged_dir))
+    pred_file = Path(predictions_dir) / f"tuned_{mode}.jsonl"
     if not pred_file.is_file():
         return not_measured(f"{pred_file} not found: run the evaluate stage")
     predictions = [json.loads(line) for line in pred_file.read_text().splitlines() if line.strip()]
@@ -196,13 +200,15 @@ def measure_agreement(python: str, text_path: Path, mmproj_path: Path, merged_di
     processor = load_processor(merged_dir)
     model, reasons, prompt_diffs = None, [], 0
     for row, m, reply in zip(sample, messages, replies):
+        # Every row: llama.cpp's prompt is as long as the processor's (the image's blank lines,
+        # its tokens), whether or not the answers differ.
+        inputs = _prompt_inputs(processor, m, images[row["img_id"]])
+        hf_tokens = int(inputs["input_ids"].shape[1])
+        prompt_diffs += reply["prompt_tokens"] != hf_tokens
         if reply["answer"].strip() == row["prediction"].strip():
             reasons.append(None)
             continue
-        inputs = _prompt_inputs(processor, m, images[row["img_id"]])
-        hf_tokens = int(inputs["input_ids"].shape[1])
         if reply["prompt_tokens"] != hf_tokens:
-            prompt_diffs += 1
             reasons.append(f"prompt: llama.cpp {reply['prompt_tokens']} tokens, transformers {hf_tokens}; "
                            "not the prompt evaluated")
             continue
@@ -215,5 +221,7 @@ def measure_agreement(python: str, text_path: Path, mmproj_path: Path, merged_di
                                    max_tokens))
     result = agreement([r["answer"] for r in replies], sample, reasons)
     result.update(gguf_agreement_prompt_mode=mode, gguf_agreement_predictions=pred_file.name,
-                  gguf_agreement_max_tokens=max_tokens)
+                  gguf_agreement_max_tokens=max_tokens,
+                  gguf_prompt_length_differs=prompt_diffs,
+                  gguf_agreement_seconds=round(time.perf_counter() - start, 1))
     return result
