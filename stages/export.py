@@ -3,7 +3,12 @@
 the Ollama Modelfiles beside them.
 
     python stages/export.py --merged models/merged --out models/gguf \
-        --metrics metrics/export.json [--params params.yaml]
+        --metrics metrics/export.json [--data data/processed] \
+        [--predictions metrics/predictions] [--params params.yaml]
+
+With llama-cpp-python importable ($VQATUNE_LLAMA_CPP_PYTHON, or this Python), the exported pair
+answers `export.agreement_rows` test rows through llama.cpp, compared with the evaluate stage's
+predictions: gguf_agreement in the metrics.
 
 The converter comes from the pinned llama-cpp-python sdist (`make install`, or installed here
 on first use: `python -m vqatune.export.converter`).
@@ -12,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-from vqatune.config import ConfigError, load_params, section
+from vqatune.config import ConfigError, InputError, load_params, section
+from vqatune.evaluation.config import EvaluateConfig
 from vqatune.export.converter import ConverterError
-from vqatune.export.agreement import NOT_IMPORTABLE, llama_cpp_python, not_measured
-from vqatune.export.gguf import ExportConfig, ExportError, export_gguf
+from vqatune.export.agreement import NOT_IMPORTABLE, llama_cpp_python, measure_agreement, not_measured
+from vqatune.export.gguf import ExportConfig, ExportError, export_gguf, gguf_paths
 from vqatune.outputs import disk_full, write_metrics
 from vqatune.prompts import PromptsConfig
 from vqatune.provenance import record
@@ -29,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merged", default="models/merged")
     parser.add_argument("--out", default="models/gguf")
     parser.add_argument("--metrics", default="metrics/export.json")
+    parser.add_argument("--data", default="data/processed", help="the test images (prepare)")
+    parser.add_argument("--predictions", default="metrics/predictions", help="the evaluate stage's")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -36,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         cfg = section(params, "export", ExportConfig)
         prompts = section(params, "prompts", PromptsConfig)
+        max_new_tokens = section(params, "evaluate", EvaluateConfig).max_new_tokens
         start = time.perf_counter()
         stats = export_gguf(args.merged, args.out, cfg, prompts.static)
     except (ConfigError, ConverterError, ExportError) as err:
@@ -44,13 +55,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: {err}", file=sys.stderr)
         return 2
     stats["seconds"] = round(time.perf_counter() - start, 1)
-    stats["provenance"] = record(params={"export": cfg, "prompts.static": prompts.static}, inputs=[args.merged])
-    # GGUF vs evaluated answers: this stage reads neither evaluation's predictions nor the test
-    # images, so it records why the rate is not here; tests/test_export.py measures it.
-    stats.update(not_measured(NOT_IMPORTABLE if llama_cpp_python() is None else
-                              "measured by tests/test_export.py::test_gguf_answers_like_the_evaluated_model"))
+    # GGUF vs evaluated answers: the same test rows through llama.cpp, the trained prompt mode.
+    python = llama_cpp_python() if cfg.agreement_rows else None
+    if not cfg.agreement_rows:
+        stats.update(not_measured("export.agreement_rows is 0"))
+    elif python is None:
+        stats.update(not_measured(NOT_IMPORTABLE))
+    else:
+        text_path, mmproj_path = gguf_paths(args.out, cfg.name)
+        try:
+            stats.update(measure_agreement(python, text_path, mmproj_path, Path(args.merged),
+                                           Path(args.data), Path(args.predictions), prompts,
+                                           cfg.agreement_rows, max_new_tokens))
+        except (InputError, RuntimeError, subprocess.TimeoutExpired) as err:
+            print(f"export: agreement not measured: {err}", file=sys.stderr)
+            stats.update(not_measured(f"llama.cpp run failed: {str(err).strip().splitlines()[-1][:300]}"))
+    measured = stats.get("gguf_agreement") is not None
+    stats["provenance"] = record(params={"export": cfg, "prompts": prompts,
+                                         "evaluate.max_new_tokens": max_new_tokens},
+                                 inputs=[args.merged] + ([args.data, args.predictions] if measured else []))
     write_metrics(args.metrics, stats)
     diff = stats.get("text_max_abs_logit_diff")
+    if stats.get("gguf_agreement") is not None:
+        print(f"export: llama.cpp answers {stats['gguf_agreement']:.1%} of {stats['gguf_agreement_n']} "
+              f"test rows as evaluated ({stats['gguf_agreement_predictions']})")
     print(f"export: {args.out}/{cfg.name}.gguf ({cfg.outtype}, {stats['text_tensors']} tensors) + "
           f"mmproj-{cfg.name}.gguf ({stats['mmproj_tensors']} tensors) + Modelfile"
           + (f"; text logits within {diff:.3g} of the merged model" if diff is not None else ""))

@@ -36,6 +36,7 @@ VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
 # sys.path ahead of the installed gguf (the two are released together). LICENSE travels with it.
 MEMBERS = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/gguf/")
 SCRIPT = "convert_hf_to_gguf.py"
+HOOKS = Path(__file__).resolve().with_name("convert_hooks.py")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -131,7 +132,9 @@ def convert(model_dir: Path, outfile: Path, outtype: str = "f16", *, mmproj: boo
     if outtype not in OUTTYPES:
         raise ConverterError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     script = Path(converter) if converter else install_converter()
-    cmd = [sys.executable, str(script), str(model_dir), "--outfile", str(outfile),
+    # Through convert_hooks.py: the converter as published, plus the layer pattern and the
+    # image's blank lines that llama.cpp needs to run Gemma 3 as transformers does.
+    cmd = [sys.executable, str(HOOKS), str(script), str(model_dir), "--outfile", str(outfile),
            "--outtype", outtype]
     if mmproj:
         cmd.append("--mmproj")

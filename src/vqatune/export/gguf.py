@@ -18,6 +18,7 @@ from typing import Literal, Optional
 from ..config import require
 from ..faults import staging_fault_point
 from ..outputs import replace_dir
+from .convert_hooks import wraps_media_marker
 from .converter import convert
 from .merge import ORIGINAL_PREFIXES, PROBE_QUESTION, layout_problems, tensor_names
 
@@ -28,7 +29,8 @@ TEXT_ARCH, MMPROJ_ARCH, PROJECTOR_TYPE = "gemma3", "clip", "gemma3"
 CHAT_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 SPECIAL_TYPES = ("CONTROL", "USER_DEFINED")
 # llama.cpp runs Gemma 3 with 5 sliding-window layers to 1 global one, whatever config.json
-# says, unless the GGUF carries a per-layer pattern (the converter writes none).
+# says, unless the GGUF carries a per-layer pattern (the converter writes none; convert_hooks.py
+# writes one where layer_types differ).
 LLAMA_CPP_SWA_PATTERN = 6
 
 
@@ -55,11 +57,17 @@ class ExportConfig:
     verify_rtol: float = 0.05
     # The Ollama release the Modelfiles are written for (README, "Export to llama.cpp and Ollama").
     ollama_version: str = "0.6.2"
+    # Test rows asked of the GGUF pair through llama.cpp (llama-cpp-python, where importable:
+    # $VQATUNE_LLAMA_CPP_PYTHON) and compared with the evaluate stage's predictions for the tuned
+    # model in the trained prompt mode: gguf_agreement in metrics/export.json. A fixed sample
+    # spread over the question categories; 0 = not measured.
+    agreement_rows: int = 48
 
     def validate(self, p: str) -> None:
         require(re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", self.name) is not None, f"{p}.name",
                 "must be 1-64 lower-case letters, digits, '.', '_' or '-' (a file and Ollama name)")
         require(self.verify_rtol > 0, f"{p}.verify_rtol", "must be a positive number")
+        require(self.agreement_rows >= 0, f"{p}.agreement_rows", "must be 0 (off) or a number of rows")
 
 
 def gguf_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
@@ -179,11 +187,20 @@ def hparam_mismatches(text_path: str | Path, text_config) -> list[str]:
         if got is None or not math.isclose(float(got), float(want), rel_tol=1e-6):
             problems.append(f"{key} is {got}, config says {want}")
     layer_types = list(getattr(text_config, "layer_types", None) or [])
-    if f"{arch}.attention.sliding_window_pattern" not in reader.fields and layer_types:
-        runs = llama_cpp_layer_types(len(layer_types))
+    if layer_types:
+        pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # one bool per layer (convert_hooks.py writes it)
+            runs = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+        else:
+            runs = llama_cpp_layer_types(len(layer_types))
         if runs != layer_types:
-            problems.append(f"layer types: llama.cpp runs {runs} (Gemma 3's 5:1 pattern), config "
-                            f"says {layer_types}")
+            problems.append(f"layer types: llama.cpp runs {runs}"
+                            + ("" if isinstance(pattern, list) else " (Gemma 3's 5:1 pattern)")
+                            + f", config says {layer_types}")
+    template = _field(reader, "tokenizer.chat_template")
+    if isinstance(template, str) and "<start_of_image>" in template and not wraps_media_marker(template):
+        problems.append("chat template: llama.cpp's image lacks the blank lines the processor puts "
+                        "around it (convert_hooks.py did not recognise the template)")
     # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B model).
     if text_config.num_hidden_layers != 62 and text_config.query_pre_attn_scalar != text_config.head_dim:
         problems.append(f"query_pre_attn_scalar is {text_config.query_pre_attn_scalar}; llama.cpp "

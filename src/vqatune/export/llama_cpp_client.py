@@ -7,6 +7,7 @@ it is not in requirements.txt), so it runs as a plain script in whichever enviro
     python src/vqatune/export/llama_cpp_client.py --model models/gguf/medgemma-kvasir.gguf \
         --mmproj models/gguf/mmproj-medgemma-kvasir.gguf --image polyp.jpg \
         --question "How many polyps are in the image?" [--system "..."]
+    python src/vqatune/export/llama_cpp_client.py --model ... --mmproj ... --batch rows.jsonl
 
 The chat template inside the GGUF renders the prompt (system text first in the user turn, the
 image before the question, as in evaluation); decoding is greedy. Prints one JSON line:
@@ -27,15 +28,19 @@ def data_uri(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def ask(model: Path, mmproj: Path, image: Path, question: str, system: str | None = None,
-        max_tokens: int = 25, n_ctx: int = 2048) -> dict:
-    import llama_cpp
+def load(model: Path, mmproj: Path, n_ctx: int = 2048):
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     handler = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
-    llm = Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx, n_gpu_layers=0,
-                verbose=False, seed=0)
+    return Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx, n_gpu_layers=0,
+                 verbose=False, seed=0)
+
+
+def answer(llm, image: Path, question: str, system: str | None = None, max_tokens: int = 25) -> dict:
+    """One greedy answer; the chat handler clears the KV cache first, so rows are independent."""
+    import llama_cpp
+
     messages = []
     if system:
         messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
@@ -45,8 +50,13 @@ def ask(model: Path, mmproj: Path, image: Path, question: str, system: str | Non
     ]})
     reply = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0,
                                        top_k=1, repeat_penalty=1.0, stop=["<end_of_turn>"])
+    # The tokens generated (the text drops byte tokens that form no UTF-8): those llama.cpp
+    # evaluated after the prompt; the last one sampled is not evaluated when max_tokens ends it.
+    n_prompt = reply["usage"]["prompt_tokens"]
+    tokens = [int(t) for t in llm.input_ids[n_prompt:llm.n_tokens]]
     return {
         "answer": reply["choices"][0]["message"]["content"],
+        "tokens": tokens,
         "finish_reason": reply["choices"][0]["finish_reason"],
         "prompt_tokens": reply["usage"]["prompt_tokens"],
         "completion_tokens": reply["usage"]["completion_tokens"],
@@ -54,21 +64,35 @@ def ask(model: Path, mmproj: Path, image: Path, question: str, system: str | Non
     }
 
 
+def ask(model: Path, mmproj: Path, image: Path, question: str, system: str | None = None,
+        max_tokens: int = 25, n_ctx: int = 2048) -> dict:
+    return answer(load(model, mmproj, n_ctx), image, question, system, max_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="<name>.gguf")
     parser.add_argument("--mmproj", type=Path, required=True, help="mmproj-<name>.gguf")
-    parser.add_argument("--image", type=Path, required=True)
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--image", type=Path, help="one question: the image")
+    parser.add_argument("--question", help="one question: the question")
+    parser.add_argument("--batch", type=Path, default=None,
+                        help="many questions, one model load: a JSONL file of {image, question, "
+                             "system}; one JSON line out per row, in order")
     parser.add_argument("--system", default=None, help="system prompt (e.g. prompts.static)")
     parser.add_argument("--max-tokens", type=int, default=25)
     args = parser.parse_args(argv)
-    for path in (args.model, args.mmproj, args.image):
+    if args.batch is None and (args.image is None or args.question is None):
+        parser.error("give --image and --question, or --batch")
+    rows = ([json.loads(line) for line in args.batch.read_text().splitlines() if line.strip()]
+            if args.batch else [{"image": str(args.image), "question": args.question, "system": args.system}])
+    for path in (args.model, args.mmproj, *(Path(row["image"]) for row in rows)):
         if not path.is_file():
             print(f"llama_cpp_client: {path} not found", file=sys.stderr)
             return 3
-    print(json.dumps(ask(args.model, args.mmproj, args.image, args.question, args.system,
-                         args.max_tokens), ensure_ascii=False))
+    llm = load(args.model, args.mmproj)
+    for row in rows:
+        print(json.dumps(answer(llm, Path(row["image"]), row["question"], row.get("system"),
+                                args.max_tokens), ensure_ascii=False), flush=True)
     return 0
 
 
