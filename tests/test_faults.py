@@ -1025,3 +1025,114 @@ def test_sigkill_while_evaluate_writes_leaves_no_eval_json_and_the_rerun_matches
     for name in ("eval.json", "by_category.json"):
         assert without_run_measures(json.loads((out / name).read_text())) == \
             without_run_measures(json.loads((whole / name).read_text())), name
+
+
+# --------------------------------------------------------------------------------------
+# 8. SIGKILL through `dvc repro`: two stages killed in turn, then the pipeline completes
+# --------------------------------------------------------------------------------------
+
+# The train stage's share of the pipeline, shrunk as TRAIN above (5 steps, a checkpoint every 2),
+# on 12 synthetic images, with the search off (tune writes a best_params.json that says so).
+DVC_KILL_PARAMS = {"prepare": {"synthetic_images": 12}, "tune": {"enabled": False},
+                   "train": {**TRAIN, "save_total_limit": 5}}
+
+
+def lock_stages(clone: Path) -> dict:
+    """dvc.lock's stages: what DVC records as done (it writes a stage's entry only after it exits 0)."""
+    import yaml
+
+    lock = clone / "dvc.lock"
+    return yaml.safe_load(lock.read_text())["stages"] if lock.exists() else {}
+
+
+def lock_outs(clone: Path) -> dict:
+    """{output path: its hash in dvc.lock} for every output of every stage done."""
+    return {out["path"]: out.get("md5") for entry in lock_stages(clone).values() for out in entry.get("outs", [])}
+
+
+def test_sigkill_under_dvc_repro_then_dvc_repro_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    """`dvc repro train` SIGKILLed inside prepare (its output half written), again inside train
+    (checkpoint-4 half written), then once more without a fault: it completes, runs only what the
+    kills left undone, training resumes from checkpoint-2, and every output hash in dvc.lock is
+    that of an uninterrupted `dvc repro train` in a copy of the same checkout (run alongside)."""
+    import re
+
+    import yaml
+
+    from conftest_dvc import clone_working_tree, dvc_env
+    from conftest_metrics import without_run_measures
+
+    env = {**dvc_env(), **child_env()}
+    clone = clone_working_tree(tmp_path / "killed", env)
+    env["PYTHONPATH"] = str(clone / "src")  # the stages run the clone's code
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    for section, values in DVC_KILL_PARAMS.items():
+        params[section].update(values)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Without the committed dvc.lock (the default params' run): it holds only what runs here.
+    for cmd in (["git", "rm", "-q", "dvc.lock"], ["git", "commit", "-qam", "small pipeline"]):
+        subprocess.run(cmd, cwd=clone, env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(["git", "clone", "-q", str(clone), str(whole)], env=env, check=True, capture_output=True)
+    whole_env = {**env, "PYTHONPATH": str(whole / "src")}
+    uninterrupted = subprocess.Popen(["dvc", "repro", "train"], cwd=whole, env=whole_env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def repro(fault: str | None) -> subprocess.CompletedProcess:
+            run_env = {**env, "VQATUNE_FAULT": fault} if fault else env
+            proc = subprocess.run(["dvc", "repro", "train"], cwd=clone, env=run_env, capture_output=True,
+                                  text=True, timeout=600)
+            assert (proc.returncode != 0) == (fault is not None), proc.stdout[-3000:] + proc.stderr[-3000:]
+            proc.ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout))
+            return proc
+
+        # 1. prepare killed with its staging folder half written: base_model done, prepare not.
+        first = repro("prepare-write")
+        assert first.ran == {"base_model", "prepare"}, first.stdout[-2000:]
+        assert set(lock_stages(clone)) == {"base_model"}
+        assert not (clone / "data/processed").exists() and not (clone / "metrics/prepare.json").exists()
+        assert (clone / "data/processed.tmp").is_dir()
+
+        # 2. train killed while checkpoint-4 is written: prepare and tune done, train not.
+        second = repro("checkpoint-write:4")
+        assert second.ran == {"prepare", "tune", "train"}, second.stdout[-2000:]
+        assert set(lock_stages(clone)) == {"base_model", "prepare", "tune"}
+        assert not (clone / "data/processed.tmp").exists()
+        assert not (clone / "models/adapter").exists() and not (clone / "metrics/train.json").exists()
+        (run_dir,) = (clone / "models/train_checkpoints").iterdir()
+        assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        with pytest.raises(ValueError):
+            json.loads((run_dir / "checkpoint-4/trainer_state.json").read_text())
+
+        # 3. No fault: only train runs, from checkpoint-2; the checkout is clean.
+        third = repro(None)
+        assert third.ran == {"train"}, third.stdout[-2000:]
+        log = third.stdout + third.stderr
+        assert re.search(r"checkpoint-4 is incomplete or corrupt.*resuming from checkpoint-2", log), log[-3000:]
+        assert "resumed from step 2" in log, log[-3000:]
+        status = subprocess.run(["dvc", "status", "train"], cwd=clone, env=env, capture_output=True, text=True)
+        assert status.returncode == 0 and "Data and pipelines are up to date" in status.stdout, status.stdout
+        assert not [p for p in clone.rglob("*") if p.name.endswith((".tmp", ".partial")) and ".git" not in p.parts]
+    except BaseException:
+        os.killpg(uninterrupted.pid, signal.SIGKILL)  # dvc and the stage it runs
+        uninterrupted.wait()
+        raise
+    out, _ = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, out[-3000:]
+
+    # The same outputs as the uninterrupted run: the hash in dvc.lock of every output (the adapter
+    # folder included: its card leaves out that the run resumed) but the metrics files, and those
+    # less what measures the run (time, speed, memory) and says it was resumed.
+    done, expected = lock_outs(clone), lock_outs(whole)
+    assert set(done) == set(expected)
+    metrics = {p for p in done if p.endswith(".json") and p.startswith(("metrics/", "plots/"))}
+    assert {p: done[p] for p in set(done) - metrics} == {p: expected[p] for p in set(expected) - metrics}
+
+    def result(path: Path) -> dict:
+        tree = without_run_measures(json.loads(path.read_text()))
+        for key in ("resumed", "resumed_from_step"):
+            tree.pop(key, None)
+        return tree
+
+    for path in sorted(metrics):
+        assert result(clone / path) == result(whole / path), path

@@ -43,12 +43,13 @@ def test_model_card_lists_input_fingerprints_and_leaves_out_run_speed(tmp_path):
     block = record(params={"train": TrainConfig()}, inputs=[])
     block["inputs"] = {"data/processed": "0123456789abcdef"}
     metrics = {"eval_loss": 0.5, "seconds": 12.3, "examples_per_s": 4.5, "peak_memory_gib": 0.7,
-               "provenance": block}
+               "resumed": True, "resumed_from_step": 2, "provenance": block}
     card = model_card(base_model=ModelConfig().id, dataset="data/processed", train_params={}, metrics=metrics,
                       environment=block["environment"], hyperparameter_source="params.yaml")
     assert "| `data/processed` | 0123456789abcdef |" in card
     assert "| eval_loss | 0.5 |" in card
     assert "seconds" not in card and "examples_per_s" not in card and "peak_memory_gib" not in card
+    assert "resumed" not in card  # a killed and resumed run writes the adapter folder of an uninterrupted one
 
 
 # -- The code in the run keys ------------------------------------------------------------------

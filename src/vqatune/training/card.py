@@ -10,9 +10,10 @@ from typing import Any
 
 import yaml
 
-# Speed and memory describe the run, not the adapter (metrics/train.json keeps them): left out,
-# the card, and so the adapter folder's hash, is the same for every rerun on the same inputs.
-RUN_ONLY_METRICS = ("seconds", "examples_per_s", "peak_memory_gib")
+# Speed, memory and whether the run resumed from a checkpoint describe the run, not the adapter
+# (metrics/train.json keeps them): left out, the card, and so the adapter folder's hash, is the
+# same for every rerun on the same inputs, a run killed and resumed included (its weights are).
+RUN_ONLY_METRICS = ("seconds", "examples_per_s", "peak_memory_gib", "resumed", "resumed_from_step")
 
 
 def model_card(*, base_model: str, dataset: str, train_params: dict[str, Any], metrics: dict[str, Any],
