@@ -402,6 +402,26 @@ def test_stage_stops_on_a_bad_search_key_before_any_training(tmp_path, capsys):
     assert "tune: tune.search_space.lora.rank: unknown key; allowed here:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_sqlite_study_is_one_line_naming_the_file(tmp_path, capsys, damage, tiny_model_dir,
+                                                            processed_dir):
+    """A study file cut short or overwritten stops the stage before any training, with one line
+    naming the file and what to do, instead of SQLAlchemy's traceback."""
+    import optuna
+
+    db = tmp_path / "study.db"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name="s", storage=f"sqlite:///{db}").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    whole = db.read_bytes()
+    db.write_bytes(whole[: len(whole) // 3] if damage == "truncated" else b"not a database" * 300)
+    code, out = run_stage(tmp_path, {"storage": f"sqlite:///{db}"}, model=tiny_model_dir, data=processed_dir)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out["best"].exists() and not out["metrics"].exists()
+    assert len(err) == 1 and err[0].startswith(f"tune: {db} is not a readable SQLite study (")
+    assert "move it aside to start the search over" in err[0]
+
+
 def test_stage_writes_best_params_the_training_stage_reads(tmp_path, tiny_model_dir, processed_dir):
     from vqatune.training.config import TrainConfig, apply_overrides, load_hyperparameters
 

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import InputError
 from .config import SearchParam, TuneConfig
 from .workers import SearchError, run_worker, trial_counts
 
@@ -53,12 +54,24 @@ def open_storage(cfg: TuneConfig):
     else:
         # A trial can hold its connection idle for hours while it trains.
         engine_kwargs = {"pool_pre_ping": True}
+    from sqlalchemy.exc import DatabaseError
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: since 2.9
-        return optuna.storages.RDBStorage(
-            cfg.storage, engine_kwargs=engine_kwargs,
-            heartbeat_interval=cfg.heartbeat_seconds, grace_period=cfg.grace_seconds,
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                cfg.storage, engine_kwargs=engine_kwargs,
+                heartbeat_interval=cfg.heartbeat_seconds, grace_period=cfg.grace_seconds,
+            )
+        except DatabaseError as err:
+            if url.get_backend_name() != "sqlite":
+                raise
+            # A truncated or overwritten study file (a kill mid-write on a bad disk, a copy cut
+            # short): SQLite says "database disk image is malformed" / "file is not a database".
+            reason = str(getattr(err, "orig", err)).splitlines()[0]
+            raise InputError(f"{url.database} is not a readable SQLite study ({reason}); restore "
+                             f"a copy of it, or move it aside to start the search over "
+                             f"(its finished trials are lost)") from None
 
 
 def make_sampler(cfg: TuneConfig, seed: int):
