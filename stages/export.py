@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         except (InputError, RuntimeError, subprocess.TimeoutExpired) as err:
             print(f"export: agreement not measured: {err}", file=sys.stderr)
             stats.update(not_measured(f"llama.cpp run failed: {str(err).strip().splitlines()[-1][:300]}"))
-    measured = stats.get("gguf_agreement") is not None
+    # The declared data and model inputs (dvc.yaml); which predictions file the agreement read is
+    # in the stats above.
     stats["provenance"] = record(params={"export": cfg, "prompts": prompts,
                                          "evaluate.max_new_tokens": max_new_tokens},
-                                 inputs=[args.merged] + ([args.data, args.predictions] if measured else []))
+                                 inputs=[args.merged, args.data])
     write_metrics(args.metrics, stats)
     diff = stats.get("text_max_abs_logit_diff")
     if stats.get("gguf_agreement") is not None:

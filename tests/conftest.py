@@ -87,3 +87,17 @@ def postgres_url():
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_model_dir, tmp_path_factory):
+    """A merged model (the tiny model with a perturbed adapter fused in), the adapter beside it
+    (``merged_dir.parent / "adapter"``), for the export and fault tests."""
+    from conftest_adapters import make_perturbed_adapter
+
+    from vqatune.export.merge import MergeConfig, merge_adapter
+
+    work = tmp_path_factory.mktemp("merged")
+    adapter = make_perturbed_adapter(tiny_model_dir, work / "adapter")
+    merge_adapter(tiny_model_dir, adapter, work / "merged", MergeConfig(dtype="float32", verify=False))
+    return work / "merged"

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest_adapters import make_perturbed_adapter
 from conftest_stages import load_stage
 from vqatune.export.converter import ConverterError, install_converter, unpack_converter
 from vqatune.export.gguf import (ExportConfig, ExportError, export_gguf, hparam_mismatches,
                                  llama_cpp_layer_types, marker_token_types, text_logit_difference)
-from vqatune.export.merge import MergeConfig, merge_adapter
 from vqatune.export.ollama import GEMMA3_TEMPLATE, STOP_TOKEN
 from vqatune.prompts import PromptsConfig
 
@@ -28,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-vqa"
 # f16 weights: each rounds by <= 2^-11 relative; on logits of ~0.7 that is ~1e-3 at most.
 F16_TOLERANCE = 5e-3
-
-
-@pytest.fixture(scope="module")
-def merged_dir(tiny_model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("export")
-    adapter = make_perturbed_adapter(tiny_model_dir, work / "adapter")
-    merge_adapter(tiny_model_dir, adapter, work / "merged", MergeConfig(dtype="float32", verify=False))
-    return work / "merged"
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +248,14 @@ def test_export_refuses_turn_markers_llama_cpp_would_spell_out(merged_dir, tmp_p
     assert not (tmp_path / "gguf").exists()
 
 
-def test_bad_export_name_stops_with_the_key(tmp_path, capsys):
+@pytest.mark.parametrize("line, key", [("name: ../evil name", "export.name"),
+                                       ("agreement_rows: -1", "export.agreement_rows")])
+def test_a_bad_export_value_stops_with_the_key(tmp_path, capsys, line, key):
     params = tmp_path / "params.yaml"
-    params.write_text("export:\n  name: ../evil name\n")
+    params.write_text(f"export:\n  {line}\n")
     code = load_stage("export").main(["--merged", str(tmp_path), "--out", str(tmp_path / "gguf"),
                                   "--metrics", str(tmp_path / "m.json"), "--params", str(params)])
-    assert code == 2 and "export.name" in capsys.readouterr().err
+    assert code == 2 and key in capsys.readouterr().err
 
 
 def _tarball(path: Path, members: dict[str, bytes], links: dict[str, str] = {}) -> Path:
@@ -491,12 +483,6 @@ def test_agreement_sample_is_fixed_and_spread_over_categories():
     assert sample == sample_rows(rows, 6) and sample_rows(rows, 0) == [] and len(sample_rows(rows, 99)) == 9
 
 
-def test_agreement_rows_param_is_checked(tmp_path, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text("export:\n  agreement_rows: -1\n")
-    code = load_stage("export").main(["--merged", str(tmp_path), "--out", str(tmp_path / "gguf"),
-                                  "--metrics", str(tmp_path / "m.json"), "--params", str(params)])
-    assert code == 2 and "export.agreement_rows" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -477,19 +477,6 @@ def test_merge_on_a_full_disk_fails_in_one_line_and_leaves_no_output(tiny_model_
     assert not out.exists() and not metrics.exists()
 
 
-@pytest.fixture(scope="module")
-def merged_dir(tiny_model_dir, tmp_path_factory):
-    """A merged model (the tiny model with a perturbed adapter fused in) for the export tests."""
-    from conftest_adapters import make_perturbed_adapter
-
-    from vqatune.export.merge import MergeConfig, merge_adapter
-
-    work = tmp_path_factory.mktemp("merged")
-    adapter = make_perturbed_adapter(tiny_model_dir, work / "adapter")
-    merge_adapter(tiny_model_dir, adapter, work / "merged", MergeConfig(dtype="float32", verify=False))
-    return work / "merged"
-
-
 def test_export_on_a_full_disk_fails_in_one_line_and_leaves_no_output(merged_dir, tmp_path):
     from vqatune.export.converter import install_converter
 
@@ -801,33 +788,31 @@ DAMAGED_DATA = [  # (file of data/processed, damage)
 ]
 
 
-@pytest.mark.parametrize("file, damage", DAMAGED_DATA, ids=[f"{f}-{d.__name__[1:]}" for f, d in DAMAGED_DATA])
-def test_evaluate_on_damaged_inputs_is_one_line_naming_the_folder(
-        file, damage, tiny_model_dir, adapter_dir, processed_dir, tmp_path, capsys):
+def _evaluate_stage(base, adapter, data, tmp_path, capsys) -> tuple[int, list[str]]:
+    """The evaluate stage on these inputs, outputs under tmp_path: (exit code, its stderr lines)."""
     from conftest_stages import load_stage
 
-    data = _damaged_copy(processed_dir, file, damage, tmp_path / "processed")
-    argv = ["--base", str(tiny_model_dir), "--adapter", str(adapter_dir), "--data", str(data),
+    argv = ["--base", str(base), "--adapter", str(adapter), "--data", str(data),
             "--metrics", str(tmp_path / "eval.json"), "--by-category", str(tmp_path / "by_category.json"),
             "--predictions", str(tmp_path / "predictions"), "--plots", str(tmp_path / "plots"),
             "--params", str(REPO / "params.yaml")]
     code = load_stage("evaluate").main(argv)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+
+
+@pytest.mark.parametrize("file, damage", DAMAGED_DATA, ids=[f"{f}-{d.__name__[1:]}" for f, d in DAMAGED_DATA])
+def test_evaluate_on_damaged_inputs_is_one_line_naming_the_folder(
+        file, damage, tiny_model_dir, adapter_dir, processed_dir, tmp_path, capsys):
+    data = _damaged_copy(processed_dir, file, damage, tmp_path / "processed")
+    code, err = _evaluate_stage(tiny_model_dir, adapter_dir, data, tmp_path, capsys)
     assert code == 2 and len(err) == 1, err
     assert f"{data} cannot be read as prepared data" in err[0] and f"dvc checkout --force {data}" in err[0]
     assert not (tmp_path / "eval.json").exists()
 
 
 def test_evaluate_on_a_damaged_base_model_is_one_line(tiny_model_dir, adapter_dir, processed_dir, tmp_path, capsys):
-    from conftest_stages import load_stage
-
     base = _damaged_copy(tiny_model_dir, "model.safetensors", _truncate, tmp_path / "base")
-    argv = ["--base", str(base), "--adapter", str(adapter_dir), "--data", str(processed_dir),
-            "--metrics", str(tmp_path / "eval.json"), "--by-category", str(tmp_path / "by_category.json"),
-            "--predictions", str(tmp_path / "predictions"), "--plots", str(tmp_path / "plots"),
-            "--params", str(REPO / "params.yaml")]
-    code = load_stage("evaluate").main(argv)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    code, err = _evaluate_stage(base, adapter_dir, processed_dir, tmp_path, capsys)
     assert code == 2 and len(err) == 1 and f"{base / 'model.safetensors'} is damaged" in err[0], err
     assert not (tmp_path / "eval.json").exists()
 

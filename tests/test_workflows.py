@@ -329,17 +329,18 @@ def test_a_queued_sweep_runs_and_shows_in_exp_show(pipeline, env):
         assert exp["params"]["evaluate"]["max_new_tokens"] == tokens and not exp["error"]
         assert exp["metrics"]["metrics/eval.json"]["data"]["generation"]["max_new_tokens"] == tokens
         log = run(["dvc", "queue", "logs", f"tokens-{tokens}"], clone, env)
-        assert ran_stages(log) == {"evaluate"}, log
+        # export reruns too: its GGUF agreement check compares with evaluate's predictions
+        assert ran_stages(log) == {"evaluate", "export"}, log
     assert run(["git", "status", "--porcelain"], clone, env) == ""  # queued runs leave the workspace alone
 
 
-def test_an_evaluation_param_reruns_only_evaluation(pipeline, env):
+def test_an_evaluation_param_reruns_only_evaluation_and_export(pipeline, env):
     clone = pipeline.clone
     pipeline.compare_base = run(["git", "rev-parse", "HEAD"], clone, env).strip()
     # Another test subset (subset_size rows drawn with this seed): the scores change.
     set_params(clone / "params.yaml", {("evaluate", "seed"): 1})
     out = run(["dvc", "repro"], clone, env)
-    assert ran_stages(out) == {"evaluate"}
+    assert ran_stages(out) == {"evaluate", "export"}  # export: its agreement check reads the predictions
     commit(clone, env, "another test subset")
 
 
@@ -347,7 +348,7 @@ def test_an_evaluation_param_reruns_only_evaluation(pipeline, env):
 
 def test_metrics_diff_between_two_commits_shows_every_eval_metric(pipeline, env):
     clone, base = pipeline.clone, pipeline.compare_base
-    assert base, "runs after test_an_evaluation_param_reruns_only_evaluation"
+    assert base, "runs after test_an_evaluation_param_reruns_only_evaluation_and_export"
     old = run_json(["git", "show", f"{base}:metrics/eval.json"], clone, env)
     new = json.loads((clone / "metrics/eval.json").read_text())
     diff = run_json(["dvc", "metrics", "diff", base, "HEAD", "--all", "--json"], clone, env)
