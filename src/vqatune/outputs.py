@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .faults import FAULT_ENV, fault_armed, kill_mid_write, staging_fault_point
+from .faults import fault_armed, kill_mid_write, staging_fault_point
 
 
 def write_atomic(path: str | Path, write: Callable[[TextIO], Any] | str) -> Path:
@@ -35,7 +35,7 @@ def write_atomic(path: str | Path, write: Callable[[TextIO], Any] | str) -> Path
                 write(fh)
             else:
                 fh.write(write)
-        if os.environ.get(FAULT_ENV) is not None and fault_armed("atomic-write", path.name):
+        if fault_armed("atomic-write", path.name):
             kill_mid_write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -76,10 +76,11 @@ def replace_dir(staging: str | Path, out_dir: str | Path, stage: str) -> Path:
     return out_dir
 
 
-def fresh_staging(out_dir: str | Path) -> Path:
-    """An empty staging folder for ``out_dir`` (``<out_dir>.tmp``, its sibling), a killed earlier
-    run's leftover deleted: write there, then ``replace_dir`` it into place."""
-    staging = Path(out_dir).with_name(Path(out_dir).name + ".tmp")
+def fresh_staging(out_dir: str | Path, name: str | None = None) -> Path:
+    """An empty staging folder for ``out_dir``: its sibling ``name`` (default ``<out_dir>.tmp``), a
+    killed earlier run's leftover deleted. Write there, then ``replace_dir`` it into place."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(name or out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging

@@ -11,7 +11,6 @@ import io
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from collections import Counter
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError, PrepareConfig
-from ..outputs import replace_dir
+from ..outputs import fresh_staging, replace_dir
 from ..prompts import PROMPT_MODES, PromptsConfig, build_messages, question_category
 from .kvasir import QUESTION_TYPE
 from .sources import ESCAPING_PATH, MISSING_FILE, load_source
@@ -223,8 +222,7 @@ def prepare_dataset(cfg: PrepareConfig, prompts: PromptsConfig, out_dir: str | P
         split_from = f"by img_id, seed {cfg.seed}, test_size {cfg.test_size}"
 
     # Write next to the target and rename: a killed run leaves only a *.tmp folder behind.
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_staging(out_dir)
     result.save_to_disk(str(tmp))
     replace_dir(tmp, out_dir, "prepare")
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import require
 from ..faults import staging_fault_point
-from ..outputs import replace_dir
+from ..outputs import fresh_staging, replace_dir
 from .convert_hooks import wraps_media_marker
 from .converter import convert
 from .merge import ORIGINAL_PREFIXES, PROBE_QUESTION, layout_problems, tensor_names
@@ -298,11 +297,7 @@ def export_gguf(merged_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, 
         raise ExportError(f"{merged_dir}: tensor {problems[0]!r} is not in the layout llama.cpp's "
                           f"converter reads ({', '.join(ORIGINAL_PREFIXES)}); re-run the merge stage")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = fresh_staging(out_dir, f".{out_dir.name}.partial")
     text_path, mmproj_path = gguf_paths(staging, cfg.name)
     convert(merged_dir, text_path, cfg.outtype, converter=converter)
     staging_fault_point("export-text", staging)  # the fault tests: killed between the two files

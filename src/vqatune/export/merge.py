@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from ..config import require
-from ..outputs import replace_dir
+from ..outputs import fresh_staging, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
                  diff, scale)
 
     # Save: weights in the original layout, processor and tokenizer beside them.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = fresh_staging(out_dir, f".{out_dir.name}.partial")
     save_model_in_original_layout(model, staging)
     processor.save_pretrained(staging)
     write_added_tokens_decoder(processor.tokenizer, staging)

@@ -10,16 +10,14 @@ import shutil
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig
-from ..outputs import replace_dir
+from ..outputs import fresh_staging, replace_dir
 
 # What a model folder needs; pickled *.bin weights are never fetched or copied.
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
 def _atomic(out_dir: Path, fill) -> Path:
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_staging(out_dir)
     fill(tmp)
     if not any(tmp.glob("*.safetensors")):
         shutil.rmtree(tmp, ignore_errors=True)
