@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
+from ..outputs import write_atomic
 from ..prompts import PROMPT_MODES
 from .config import ABLATION, MAJORITY, MODELS
 from .metrics import METRIC_NAMES
@@ -147,9 +148,5 @@ def write_plot_data(scores: dict, by_category: dict, out_dir: str | Path) -> lis
     written = []
     for name, rows in (("configurations.json", configuration_rows(scores)),
                        ("by_category.json", category_rows(by_category))):
-        path = out_dir / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        tmp.replace(path)
-        written.append(path)
+        written.append(write_atomic(out_dir / name, json.dumps(rows, indent=1) + "\n"))
     return written
