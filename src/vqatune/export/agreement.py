@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -61,12 +63,6 @@ def gguf_replies(python: str, model: Path, mmproj: Path, rows: Sequence[dict],
     if len(replies) != len(rows):
         raise RuntimeError(f"llama_cpp_client answered {len(replies)} of {len(rows)} rows")
     return replies
-
-
-def gguf_answers(python: str, model: Path, mmproj: Path, rows: Sequence[dict],
-                 max_tokens: int = 25, timeout: float = 1800) -> list[str]:
-    """llama.cpp's greedy answer for each row (see ``gguf_replies``)."""
-    return [r["answer"] for r in gguf_replies(python, model, mmproj, rows, max_tokens, timeout)]
 
 
 def sample_rows(predictions: Sequence[dict], n: int) -> list[dict]:
@@ -161,12 +157,8 @@ def measure_agreement(python: str, text_path: Path, mmproj_path: Path, merged_di
     exported pair through llama.cpp with the same prepared test images; every difference with
     its reason (a different prompt, or transformers' margin where the answers part).
     ``prompt_mode`` overrides the trained mode (to check the other modes' predictions)."""
-    import time
-
-    import tempfile
-
     from ..data.processed import load_prepared
-    from ..models.loading import load_processor
+    from ..models.loading import load_base_model, load_processor
     from ..models.metadata import inference_prompt_mode, trained_prompt_mode
     from ..prompts import build_messages
 
@@ -213,8 +205,6 @@ def measure_agreement(python: str, text_path: Path, mmproj_path: Path, merged_di
                            "not the prompt evaluated")
             continue
         if model is None:  # only where answers differ
-            from ..models.loading import load_base_model
-
             model = load_base_model(merged_dir, device="cpu")
         reasons.append(_divergence(model, processor, inputs, row["prediction"], reply["answer"],
                                    reply.get("tokens", []),
