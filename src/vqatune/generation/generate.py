@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Hashable, Sequence
 
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -78,8 +81,6 @@ def length_batches(order: list[int], lengths: list[int], batch_size: int,
 def _static_graphs(model, inputs, max_new_tokens, stop, pad_token_id, timing):
     """New tokens from ``graphs.greedy_static``, or None where it cannot run (the reason is kept
     in ``timing["graph_fallback"]``, and a failure on the device turns it off for the model)."""
-    import logging
-
     from .graphs import Unsupported, greedy_static
 
     try:
@@ -88,7 +89,7 @@ def _static_graphs(model, inputs, max_new_tokens, stop, pad_token_id, timing):
     except Unsupported as err:
         timing["graph_fallback"] = str(err)
     except Exception as err:  # a capture that fails must not stop an evaluation
-        logging.getLogger(__name__).exception("static_graphs failed; generate with the dynamic cache")
+        log.exception("static_graphs failed; generate with the dynamic cache")
         timing["graph_fallback"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
         try:
             model._vqatune_graphs_failed = timing["graph_fallback"]
