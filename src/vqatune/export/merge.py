@@ -45,8 +45,8 @@ class MergeConfig:
     # Merging is one small matmul per adapted layer: cpu needs no GPU and ~1x the model in RAM.
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Compare base+adapter logits with the merged model's on one probe (image + question) and
-    # stop when they differ by more than verify_rtol of the largest logit. Both run in float32, so
-    # the difference is the fused weights' rounding: bf16 ~0.4% each, ~1e-2 of the logits; float32 ~1e-6.
+    # stop when they differ by more than verify_rtol of the largest logit. The merge is computed
+    # and checked in float32 (a correct merge lands near 1e-6), then rounded to `dtype` to save.
     verify: bool = True
     verify_rtol: float = 0.05
 
@@ -137,30 +137,14 @@ def probe_inputs(processor, image_size: Optional[int] = None):
 
 
 def probe_logits(model, inputs):
-    """The probe's logits, computed in float32 whatever the weights' dtype.
-
-    bf16 or fp16 weights are widened in place for the forward pass and narrowed back afterwards
-    (exact both ways), so base+adapter and the merged model differ only by what the merge changed
-    (the fused weights rounded to the checkpoint's dtype). Computed in bf16, both forwards carry
-    bf16's own rounding noise: on MedGemma-4B's 34 layers that alone moved the largest logit by
-    ~6% (over merge.verify_rtol) with a correct merge (docs/medgemma.md). Costs a float32 copy's
-    memory (2x a bf16 model) for the probe.
-    """
+    """The probe's logits (float32 on the CPU) from one forward pass in the model's own dtype."""
     import torch
 
-    narrow = [t for t in [*model.parameters(), *model.buffers()] if t.dtype in (torch.bfloat16, torch.float16)]
-    dtypes = [t.dtype for t in narrow]
-    for t in narrow:
-        t.data = t.data.float()
-    try:
-        param = next(p for p in model.parameters() if p.is_floating_point())
-        batch = {k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
-                 for k, v in inputs.items()}
-        with torch.inference_mode():
-            return model(**batch).logits.float().cpu()
-    finally:
-        for t, dtype in zip(narrow, dtypes):
-            t.data = t.data.to(dtype)
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    batch = {k: (v.to(param.device, param.dtype) if k == "pixel_values" else v.to(param.device))
+             for k, v in inputs.items()}
+    with torch.inference_mode():
+        return model(**batch).logits.float().cpu()
 
 
 def write_added_tokens_decoder(tokenizer, out_dir: Path) -> None:
@@ -194,6 +178,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 
     ``out_dir`` appears complete or not at all: everything is written to a sibling first.
     """
+    import torch
     from peft import PeftModel
 
     from ..models.loading import load_base_model, load_processor, resolve_device
@@ -205,9 +190,13 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     dtype = checkpoint_dtype(base_dir) if cfg.dtype == "auto" else cfg.dtype
     device = resolve_device(None if cfg.device == "auto" else cfg.device)
 
-    # Model: the base unquantized, the adapter on top, then fused.
-    log.info("merging %s into %s (%s on %s)", adapter_dir, base_dir, dtype, device)
-    model = load_base_model(base_dir, quantization="none", dtype=dtype, device=device,
+    # Model: the base unquantized, the adapter on top, then fused, all in float32, and only then
+    # rounded to the checkpoint's dtype. Checked after rounding instead, a correct bf16 merge of a
+    # random-weight MedGemma-4B missed the check by 10% of the largest logit (0.83 of 8.5): each
+    # fused weight's rounding is small, but 34 random layers amplify it (docs/medgemma.md). The
+    # float32 copy costs 2x a bf16 model's memory on merge.device (17 GB for MedGemma-4B).
+    log.info("merging %s into %s (float32 on %s, saved as %s)", adapter_dir, base_dir, device, dtype)
+    model = load_base_model(base_dir, quantization="none", dtype="float32", device=device,
                             trust_remote_code=trust_remote_code)
     processor = load_processor(base_dir, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
@@ -226,10 +215,12 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         metrics.update(probe_max_abs_logit_diff=diff, probe_max_abs_logit=scale)
         if diff > cfg.verify_rtol * scale:
             raise MergeError(f"merged logits differ from base+adapter by {diff:.3g} (largest logit "
-                             f"{scale:.3g}, merge.verify_rtol {cfg.verify_rtol}); merge in float32 "
-                             "(merge.dtype: float32)")
+                             f"{scale:.3g}, merge.verify_rtol {cfg.verify_rtol}): the adapter does not "
+                             f"fit {base_dir}; was it trained on this base?")
         log.info("probe: merged vs base+adapter logits differ by at most %.3g (largest %.3g)",
                  diff, scale)
+
+    model.to(getattr(torch, dtype))  # after the check: the rounding is the file format's, not the merge's
 
     # Save: weights in the original layout, processor and tokenizer beside them.
     staging = fresh_staging(out_dir, f".{out_dir.name}.partial")
