@@ -59,6 +59,7 @@ OVERRIDES = {
     "train.max_eval_rows": 64,
     "evaluate.subset_size": 64,                    # 64 test rows x 7 configurations
     "evaluate.bertscore_model": "{work}/tiny-bert",  # a random BERT: the packaged MiniLM did not travel
+    "export.agreement_rows": 4,                    # llama.cpp on the CPU: ~5 s a row at 4B and 896 px
 }
 # --smoke (CPU, tiny sizes): on top of OVERRIDES.
 SMOKE = {
@@ -410,7 +411,7 @@ def write_report(out: Path, result: dict) -> None:
                       f"same: {llama['same_as_evaluate']}",
                       "- the weights are random: the answer's words mean nothing, only that the pair loads, "
                       "reads the image and decodes"]
-    lines += ["", "## Overrides after `vqatune profile medgemma`", "", "```"]
+    lines += ["", f"## Overrides after `vqatune profile {result['profile']}`", "", "```"]
     lines += [f"-S {k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in result["overrides"].items()]
     lines += ["```", "", f"Command: `{result['command']}`", ""]
     if result.get("dvc_status"):
@@ -442,6 +443,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-wait", type=float, default=600, help="seconds to wait for llama-cpp-python")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no stage after this many seconds (a later call with the same --work goes on)")
+    ap.add_argument("--profile", default="medgemma", choices=("medgemma", "medgemma-16gb"),
+                    help="the committed profile applied before the overrides (medgemma-16gb: every stage "
+                         "should stay at or under 15 GiB of the card)")
     ap.add_argument("--converter", type=Path, default=None,
                     help="an installed llama.cpp converter folder to use (copied to vqatune's default place)")
     args = ap.parse_args(argv)
@@ -464,11 +468,12 @@ def main(argv=None) -> int:
     card = gpu.name or (torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")
     overrides = {k: v.format(work=work) if isinstance(v, str) else v
                  for k, v in {**OVERRIDES, **(SMOKE if args.smoke else {})}.items()}
-    result = {"card": card, "card_slug": "cpu-smoke" if args.smoke else card_slug(card),
+    result = {"card": card, "card_slug": ("cpu-smoke" if args.smoke else card_slug(card))
+              + ("_16gb" if args.profile == "medgemma-16gb" else ""),
               "date": time.strftime("%Y-%m-%d"), "versions": versions(),
               "model": "MedGemma-4B architecture (benchmarks/medgemma4b_config.json), random bf16 weights, "
                        "MedGemma's tokenizer shape" if not args.smoke else "medgemma.small_config() (tiny sizes)",
-              "profile": "medgemma", "overrides": overrides,
+              "profile": args.profile, "overrides": overrides,
               "command": "python benchmarks/e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "steps": state["steps"]}
 
@@ -503,9 +508,9 @@ def main(argv=None) -> int:
         dvc(["init", "--no-scm", "-q"], repo, env, log)
         dvc(["config", "core.analytics", "false"], repo, env, log)
         dvc(["config", "cache.type", "hardlink,symlink"], repo, env, log)
-        changed = apply_profile("medgemma", repo / "params.yaml", repo)
+        changed = apply_profile(args.profile, repo / "params.yaml", repo)
         changed_e2e = apply_overrides(repo, overrides)
-        log.write(f"profile medgemma set {changed}\noverrides set {changed_e2e}\n")
+        log.write(f"profile {args.profile} set {changed}\noverrides set {changed_e2e}\n")
         record({"step": "build (random model, BERT, params)", "status": "ok",
                 "wall_s": round(time.perf_counter() - start, 1), "output_bytes": disk_bytes([model_dir])})
     env = stage_env(work, repo)
