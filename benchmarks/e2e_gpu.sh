@@ -16,6 +16,10 @@
 E2E=${E2E:-$PWD/.e2e}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$E2E"/whl/*.whl || return 1
 export PYTHONPATH=$PYTHONPATH:/tmp/llsite
+# The GPU machine's Python loads an older libstdc++ than the g++ 13 that builds llama-cpp-python
+# here: without the preload llama.cpp segfaults loading any GGUF (seen on an H100 machine, 2026-12).
+STDCXX=$(g++ -print-file-name=libstdc++.so.6 2>/dev/null)
+case "$STDCXX" in /*) export LD_PRELOAD=$STDCXX ;; esac
 if ! python3 -c "import llama_cpp.mtmd_cpp" 2>/dev/null && [ ! -e /tmp/llbuild.started ]; then
     touch /tmp/llbuild.started
     mkdir -p /tmp/llb && tar xzf "$E2E"/llama_cpp_python-0.3.36*.tar.gz -C /tmp/llb || return 1

@@ -449,6 +449,19 @@ def test_llama_cpp_logits_match_transformers(merged_dir, exported, tmp_path):
 
 # -- The GGUF answers like the evaluated model ----------------------------------------------
 
+def test_a_llama_cpp_crash_says_what_to_do(tmp_path):
+    """llama.cpp dying by a signal prints nothing (the client loads quietly): the error names the
+    signal and the libstdc++ preload that fixed it on a GPU machine."""
+    from vqatune.export.agreement import gguf_replies
+
+    crashing = tmp_path / "python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"signal 11.*LD_PRELOAD=\$\(g\+\+ -print-file-name=libstdc"):
+        gguf_replies(str(crashing), tmp_path / "m.gguf", tmp_path / "p.gguf",
+                     [{"image": tmp_path / "i.png", "question": "q"}])
+
+
 def test_agreement_counts_and_lists_every_difference():
     from vqatune.export.agreement import agreement, system_text
     from vqatune.prompts import build_messages

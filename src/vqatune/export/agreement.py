@@ -38,6 +38,16 @@ def system_text(messages: list[dict]) -> Optional[str]:
     return "\n\n".join(texts) if texts else None
 
 
+def client_crashed(signal_number: int, python: str) -> str:
+    """What to do when llama.cpp dies by a signal (it prints nothing: the client loads quietly).
+    Seen on a GPU machine: llama-cpp-python built with the system's g++ 13, run by a Python that
+    had loaded an older libstdc++ first, crashed loading any GGUF (signal 11); preloading the
+    libstdc++ it was built against fixed it (docs/export.md)."""
+    return (f"llama.cpp crashed (signal {signal_number}) in {python}; if llama-cpp-python was built "
+            "with a newer compiler than the one behind this Python's libstdc++, run again with "
+            "LD_PRELOAD=$(g++ -print-file-name=libstdc++.so.6)")
+
+
 def gguf_replies(python: str, model: Path, mmproj: Path, rows: Sequence[dict],
                  max_tokens: int = 25, timeout: float = 1800) -> list[dict]:
     """llama.cpp's greedy reply (answer, prompt_tokens, ...) for each ``{"image": path,
@@ -57,6 +67,8 @@ def gguf_replies(python: str, model: Path, mmproj: Path, rows: Sequence[dict],
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     finally:
         os.unlink(batch)
+    if result.returncode < 0:
+        raise RuntimeError(client_crashed(-result.returncode, python))
     if result.returncode != 0:
         raise RuntimeError(f"llama_cpp_client failed: {result.stderr[-2000:]}")
     replies = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
