@@ -303,8 +303,13 @@ def stage_summary(repo: Path, stage: str) -> dict:
     if stage == "evaluate":
         m = load("eval.json")
         gen = m.get("generation", {})
-        configs = {name: round(v["exact_match"], 3) for name, v in m.items()
-                   if isinstance(v, dict) and "exact_match" in v}
+        configs = {}
+        for name, v in m.items():  # {"majority": {...}, "tuned": {"none": {...}}, "image_ablation": {...}}
+            if isinstance(v, dict) and "exact_match" in v:
+                configs[name] = round(v["exact_match"], 3)
+            elif isinstance(v, dict):
+                configs.update({f"{name}/{mode}": round(s["exact_match"], 3) for mode, s in v.items()
+                                if isinstance(s, dict) and "exact_match" in s})
         return {"exact_match": configs, **{k: gen.get(k) for k in (
             "batch_size", "batch_size_from", "peak_memory_gib", "examples_per_s", "test_rows") if k in gen}}
     if stage == "merge":
