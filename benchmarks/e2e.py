@@ -325,14 +325,14 @@ def stage_summary(repo: Path, stage: str) -> dict:
 
 # --------------------------------------------------------------------------- llama.cpp
 
-def llama_answer(repo: Path, work: Path, gpu: "GpuMemory", log, timeout: float) -> dict:
-    """One test image and question through llama.cpp on the exported pair (the product's client,
-    ``vqatune/export/llama_cpp_client.py``, CPU), beside the evaluate stage's answer for the same
-    row (tuned model, static prompt: the Modelfile's SYSTEM)."""
+def ask_llama(repo: Path, work: Path, image: Path, question: str, gpu: "GpuMemory", log, timeout: float,
+              env: dict | None = None) -> dict:
+    """``question`` about ``image`` through llama.cpp on repo's exported pair (the product's client,
+    ``vqatune/export/llama_cpp_client.py``, CPU), under the static prompt (the Modelfile's SYSTEM):
+    the client's reply and the run's time and memory, or ``error``."""
     import yaml
-    from datasets import load_from_disk
 
-    from vqatune.export.agreement import CLIENT, NOT_IMPORTABLE, agreement, llama_cpp_python
+    from vqatune.export.agreement import CLIENT, NOT_IMPORTABLE, llama_cpp_python
 
     deadline = time.time() + timeout
     python = llama_cpp_python()
@@ -342,7 +342,29 @@ def llama_answer(repo: Path, work: Path, gpu: "GpuMemory", log, timeout: float) 
     if python is None:
         return {"error": NOT_IMPORTABLE}
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    name = params["export"]["name"]
+    name, gguf = params["export"]["name"], repo / "models" / "gguf"
+    cmd = [python, str(CLIENT), "--model", str(gguf / f"{name}.gguf"), "--mmproj", str(gguf / f"mmproj-{name}.gguf"),
+           "--image", str(image), "--question", question, "--system", params["prompts"]["static"],
+           "--max-tokens", "25"]
+    answer_file = work / "llama_answer.json"
+    with answer_file.open("w") as fh:
+        stats = measured(cmd, repo, env or dict(os.environ), gpu, fh)
+    lines = answer_file.read_text().strip().splitlines()
+    if stats["rc"] != 0 or not lines:
+        log.write(answer_file.read_text())
+        return {"error": f"llama_cpp_client exited {stats['rc']}: {lines[-1] if lines else ''}", **stats}
+    reply = json.loads(lines[-1])
+    return {"answer": reply["answer"], **stats,
+            **{k: reply[k] for k in ("prompt_tokens", "completion_tokens", "llama_cpp_python") if k in reply}}
+
+
+def llama_answer(repo: Path, work: Path, gpu: "GpuMemory", log, timeout: float) -> dict:
+    """The first row the evaluate stage answered (tuned model, static prompt) asked again through
+    llama.cpp, beside the evaluate stage's answer."""
+    from datasets import load_from_disk
+
+    from vqatune.export.agreement import agreement
+
     evaluated = [json.loads(line) for line in
                  (repo / "metrics" / "predictions" / "tuned_static.jsonl").read_text().splitlines() if line]
     row = evaluated[0]
@@ -352,24 +374,14 @@ def llama_answer(repo: Path, work: Path, gpu: "GpuMemory", log, timeout: float) 
     pil = test[index]["image"]
     image = work / "llama_image.png"
     pil.convert("RGB").save(image)
-    gguf = repo / "models" / "gguf"
-    cmd = [python, str(CLIENT), "--model", str(gguf / f"{name}.gguf"), "--mmproj", str(gguf / f"mmproj-{name}.gguf"),
-           "--image", str(image), "--question", row["question"], "--system", params["prompts"]["static"],
-           "--max-tokens", "25"]
-    answer_file = work / "llama_answer.json"
-    with answer_file.open("w") as fh:
-        stats = measured(cmd, repo, dict(os.environ), gpu, fh)
-    lines = answer_file.read_text().strip().splitlines()
-    if stats["rc"] != 0 or not lines:
-        log.write(answer_file.read_text())
-        return {"error": f"llama_cpp_client exited {stats['rc']}: {lines[-1] if lines else ''}", **stats}
-    reply = json.loads(lines[-1])
-    agree = agreement([reply["answer"]], [row])
+    reply = ask_llama(repo, work, image, row["question"], gpu, log, timeout)
+    reply.pop("rc", None)
+    if "error" in reply:
+        return reply
+    answer = reply.pop("answer")
     return {"question": row["question"], "image_px": list(pil.size), "reference": row.get("answer"),
-            "llama_cpp_answer": reply["answer"], "evaluate_answer": row["prediction"],
-            "same_as_evaluate": agree["gguf_agreement"] == 1.0,
-            **{k: reply[k] for k in ("prompt_tokens", "completion_tokens", "llama_cpp_python") if k in reply},
-            **{k: v for k, v in stats.items() if k != "rc"}}
+            "llama_cpp_answer": answer, "evaluate_answer": row["prediction"],
+            "same_as_evaluate": agreement([answer], [row])["gguf_agreement"] == 1.0, **reply}
 
 
 # --------------------------------------------------------------------------- report

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import time
@@ -23,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import (OVERRIDES, GpuMemory, apply_overrides, card_slug, copy_pipeline, disk_bytes,  # noqa: E402
-                 measured, stage_env, versions)
+from e2e import (OVERRIDES, GpuMemory, apply_overrides, ask_llama, card_slug, copy_pipeline,  # noqa: E402
+                 disk_bytes, measured, stage_env, versions)
 
 QUESTION = "What type of procedure is the image taken from?"
 
@@ -67,7 +68,6 @@ def main(argv=None) -> int:
 
     from vqatune.cli.profile import apply_profile
     from vqatune.data import synthetic
-    from vqatune.export.agreement import CLIENT, llama_cpp_python
     from vqatune.export.converter import default_converter_dir
 
     out, work = args.out, args.work.resolve()
@@ -125,36 +125,14 @@ def main(argv=None) -> int:
             log.close()
             return 1
 
-    deadline = time.time() + args.llama_wait
-    python = llama_cpp_python()
-    while python is None and time.time() < deadline:  # llama-cpp-python may still be building
-        time.sleep(10)
-        python = llama_cpp_python()
-    if python is None:
-        record({"step": "llama.cpp: one image question", "status": "failed", "error": "llama_cpp not importable"})
-        return 1
-    import random
-
     rng = random.Random(0)
     scene, _, _ = synthetic.make_scene("Polyps", rng)
     image = work / "llama_image.png"
     scene.convert("RGB").resize((896, 896)).save(image)
-    name = params["export"]["name"]
-    gguf = repo / "models" / "gguf"
-    cmd = [python, str(CLIENT), "--model", str(gguf / f"{name}.gguf"), "--mmproj", str(gguf / f"mmproj-{name}.gguf"),
-           "--image", str(image), "--question", QUESTION, "--system", params["prompts"]["static"], "--max-tokens", "25"]
-    answer_file = work / "llama_answer.json"
-    with answer_file.open("w") as fh:
-        stats = measured(cmd, repo, env, gpu, fh)
-    lines = answer_file.read_text().strip().splitlines()
-    row = {"step": "llama.cpp: one image question", **{k: v for k, v in stats.items() if k != "rc"}}
-    if stats["rc"] != 0 or not lines:
-        log.write(answer_file.read_text())
-        row.update(status="failed", error=lines[-1] if lines else f"exit {stats['rc']}")
-    else:
-        reply = json.loads(lines[-1])
-        row.update(status="ok", question=QUESTION, answer=reply.get("answer"),
-                   **{k: reply[k] for k in ("prompt_tokens", "completion_tokens") if k in reply})
+    reply = ask_llama(repo, work, image, QUESTION, gpu, log, args.llama_wait, env)
+    reply.pop("rc", None)
+    row = {"step": "llama.cpp: one image question", "status": "failed" if "error" in reply else "ok",
+           "question": QUESTION, "image_px": [896, 896], **reply}
     record(row)
     log.close()
     return 0 if row["status"] == "ok" else 1
