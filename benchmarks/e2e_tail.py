@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e import (OVERRIDES, GpuMemory, apply_overrides, ask_llama, card_slug, copy_pipeline,  # noqa: E402
-                 disk_bytes, measured, stage_env, versions)
+                 disk_bytes, measured, stage_env, use_converter, versions)
 
 QUESTION = "What type of procedure is the image taken from?"
 
@@ -68,7 +67,6 @@ def main(argv=None) -> int:
 
     from vqatune.cli.profile import apply_profile
     from vqatune.data import synthetic
-    from vqatune.export.converter import default_converter_dir
 
     out, work = args.out, args.work.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -86,8 +84,8 @@ def main(argv=None) -> int:
         (out / f"e2e_tail_{slug}.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"e2e_tail: {json.dumps(row)}", flush=True)
 
-    if args.converter and not (default_converter_dir() / ".sha256").is_file():
-        shutil.copytree(args.converter, default_converter_dir(), dirs_exist_ok=True)
+    if args.converter:
+        use_converter(args.converter)
 
     start = time.perf_counter()
     model_dir = work / "medgemma-4b-random"
@@ -130,7 +128,6 @@ def main(argv=None) -> int:
     image = work / "llama_image.png"
     scene.convert("RGB").resize((896, 896)).save(image)
     reply = ask_llama(repo, work, image, QUESTION, gpu, log, args.llama_wait, env)
-    reply.pop("rc", None)
     row = {"step": "llama.cpp: one image question", "status": "failed" if "error" in reply else "ok",
            "question": QUESTION, "image_px": [896, 896], **reply}
     record(row)
