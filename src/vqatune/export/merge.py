@@ -38,11 +38,12 @@ class MergeError(RuntimeError):
 class MergeConfig:
     """`merge:` — how the adapter is fused into the base model."""
 
-    # The dtype the base is reloaded, merged and saved in; never a quantized one. auto: the
-    # checkpoint's own dtype (MedGemma: bfloat16, 8.6 GB; the builtin tiny model: float32).
-    # float32 merges most exactly but doubles the files; the GGUF's outtype is chosen at export.
+    # The dtype the merged model is saved in (it is fused in float32); never a quantized one. auto:
+    # the checkpoint's own dtype (MedGemma: bfloat16, 8.6 GB; the builtin tiny model: float32).
+    # float32 doubles the files; the GGUF's outtype is chosen at export.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    # Merging is one small matmul per adapted layer: cpu needs no GPU and ~1x the model in RAM.
+    # Merging is one small matmul per adapted layer: cpu needs no GPU, and RAM for the float32
+    # copy (2x a bf16 model: ~25 GB peak for MedGemma-4B).
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     # Compare base+adapter logits with the merged model's on one probe (image + question) and
     # stop when they differ by more than verify_rtol of the largest logit. The merge is computed
