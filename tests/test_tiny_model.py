@@ -74,3 +74,53 @@ def test_build_is_deterministic(tmp_path):
     a = build_tiny_gemma3(tmp_path / "a", ModelConfig())
     b = build_tiny_gemma3(tmp_path / "b", ModelConfig())
     assert fingerprint(a) == fingerprint(b)
+
+
+def test_folded_patch_embedding_sees_the_world_standardised():
+    """The fold is exact: the random patch embedding on MedGemma-normalised pixels gives what the
+    unfolded one gives on the world's standardised pixels, (p - mean) / std."""
+    import copy
+
+    from vqatune.config import ModelConfig
+    from vqatune.models.tiny import fold_world_contrast, world_pixel_stats
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=8),
+                          vision_config=dict(image_size=32, patch_size=8, hidden_size=8,
+                                             intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2), mm_tokens_per_image=4)
+    model = Gemma3ForConditionalGeneration(config)
+    before = copy.deepcopy(model.model.vision_tower.embeddings.patch_embedding)
+    fold_world_contrast(model, 32, ModelConfig().seed)
+    after = model.model.vision_tower.embeddings.patch_embedding
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in world_pixel_stats(32, ModelConfig().seed))
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = before((pixels - mean) / std)
+        got = after((pixels - 0.5) / 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(after.weight, before.weight)
+
+
+def test_image_tokens_depend_on_the_picture(tiny_model_dir):
+    """Most of each image token's direction must come from the picture, not from what every
+    synthetic scene shares (mucosa colour, position): at 2% the tuned model learned no local
+    feature. Measured on real synthetic scenes through the model's own processor."""
+    import random
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from vqatune.data.synthetic import SOURCE_WEIGHTS, make_scene
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    rng = random.Random(7)
+    images = [make_scene(rng.choice(list(SOURCE_WEIGHTS)), rng)[0] for _ in range(24)]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels)
+    feats = getattr(feats, "pooler_output", feats)
+    feats = feats / feats.norm(dim=-1, keepdim=True)          # (images, tokens, hidden)
+    content_share = feats.var(0).sum(-1).mean() / (feats ** 2).sum(-1).mean()
+    assert content_share > 0.3, f"only {content_share:.1%} of an image token depends on the picture"

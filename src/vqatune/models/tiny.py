@@ -235,6 +235,7 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
     with torch.no_grad():
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, 1.0 / proj.shape[0] ** 0.5)
+    fold_world_contrast(model, image_size, cfg.seed)
     model.generation_config.eos_token_id = [ids[EOS], tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     model.generation_config.pad_token_id = ids[PAD]
     model.generation_config.bos_token_id = ids[BOS]
@@ -261,6 +262,53 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
         json.dumps({"model_id": cfg.id, "seed": cfg.seed, "vocab_size": vocab_size,
                     "image_size": image_size}, indent=2) + "\n")
     return out_dir
+
+
+def world_pixel_stats(image_size: int, seed: int, n_scenes: int = 96) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (0..1 pixels) of the synthetic world's scenes at
+    ``image_size``: drawn with the generator the prepare stage uses, so they follow the world."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from ..data.synthetic import SOURCE_WEIGHTS, make_scene
+
+    rng = random.Random(seed)
+    sources, weights = list(SOURCE_WEIGHTS), list(SOURCE_WEIGHTS.values())
+    pixels = []
+    for _ in range(n_scenes):
+        img = make_scene(rng.choices(sources, weights=weights)[0], rng)[0]
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        pixels.append(np.asarray(img, dtype=np.float64).reshape(-1, 3) / 255.0)
+    pixels = np.concatenate(pixels)
+    return pixels.mean(0).tolist(), pixels.std(0).tolist()
+
+
+def fold_world_contrast(model, image_size: int, seed: int) -> None:
+    """Fold the synthetic world's pixel statistics into the random patch embedding.
+
+    The processor keeps MedGemma's normalisation, (p - 0.5) / 0.5. The synthetic mucosa is one
+    pinkish tone, so under that normalisation every patch is nearly the same vector: measured on
+    the random tower, 2% of an image token's direction depended on the picture (the rest was the
+    shared mucosa colour and the position), and the fine-tuned model learned only whole-image
+    properties (source, procedure), never a box, a polyp count or a size. A pretrained tower has
+    learned to see contrast; a random one is given it here: the convolution computes what it
+    would on (p - mean) / std of the world's own pixels (57% of the direction then depends on
+    the picture). Exact algebra on the weights, so the processor and every later stage are
+    unchanged: with x = (p - 0.5) / 0.5, (p - mean) / std = x * 0.5 / std + (0.5 - mean) / std.
+    """
+    import torch
+
+    mean, std = world_pixel_stats(image_size, seed)
+    vision = model.model.vision_tower
+    conv = getattr(vision, "vision_model", vision).embeddings.patch_embedding
+    mean_t = torch.tensor(mean, dtype=conv.weight.dtype)
+    std_t = torch.tensor(std, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        shift = ((0.5 - mean_t) / std_t).view(1, 3, 1, 1)
+        conv.bias += (conv.weight * shift).sum(dim=(1, 2, 3))
+        conv.weight *= (0.5 / std_t).view(1, 3, 1, 1)
 
 
 # transformers 5 saves Gemma 3 with its runtime names; llama.cpp's converter (and
