@@ -57,6 +57,10 @@ def run_forked(target: Callable[[], Optional[int]], *, cwd: Path, env: Optional[
             import torch
 
             torch.set_num_threads(1)
+            # ... and kept there: a stage reads cpu_threads (2 in params.yaml) and would raise it,
+            # and libgomp hangs a forked child in its first parallel region once the parent's
+            # OpenMP pool has run.
+            torch.set_num_threads = lambda n: None
             if file_limit is not None:
                 import resource
 

@@ -25,7 +25,10 @@ SRC = REPO / "src"
 # Small enough for 2 CPU cores: 5 steps, a checkpoint every 2.
 TRAIN = {"max_steps": 5, "batch_size": 4, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
          "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_rows": 8, "warmup": 0.0,
-         "early_stopping_patience": 0, "save_total_limit": 5}
+         "early_stopping_patience": 0, "save_total_limit": 5,
+         # One thread: a test below forks a training, and a child forked from a process whose
+         # OpenMP pool has run (libgomp) hangs in its first parallel region.
+         "cpu_threads": 1}
 
 
 def train_config():
@@ -158,9 +161,13 @@ STAGE_NAMES = ["base_model", "prepare", "tune", "train", "evaluate", "merge", "e
 
 
 def good_params() -> dict:
+    """params.yaml on one thread: stages here run forked (conftest_fork keeps a child at one) and
+    in this process, and both must compute the same bits."""
     import yaml
 
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["cpu_threads"] = params["evaluate"]["cpu_threads"] = 1
+    return params
 
 
 def with_value(dotted: str, value) -> dict:
