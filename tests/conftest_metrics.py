@@ -7,6 +7,7 @@ RUN_MEASURES = {
     "seconds", "examples_per_s", "rows_per_s", "peak_memory_gib",       # prepare, train, evaluate
     "trial_seconds_mean", "rss_mib_first_trial", "rss_mib_last_trial", "rss_mib_max",  # tune
     "encode_wait_s", "encode_thread_s", "transfer_s", "generate_s", "decode_s", "total_s",  # eval timing
+    "gguf_agreement_seconds",                                            # export
 }
 
 
