@@ -25,17 +25,14 @@ SRC = REPO / "src"
 # Small enough for 2 CPU cores: 5 steps, a checkpoint every 2.
 TRAIN = {"max_steps": 5, "batch_size": 4, "eval_batch_size": 8, "gradient_accumulation_steps": 1,
          "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "max_eval_rows": 8, "warmup": 0.0,
-         "early_stopping_patience": 0, "save_total_limit": 5,
-         # One thread: a test below forks a training, and a child forked from a process whose
-         # OpenMP pool has run (libgomp) hangs in its first parallel region.
-         "cpu_threads": 1}
+         "early_stopping_patience": 0, "save_total_limit": 5}
 
 
 def train_config():
-    from vqatune.config import load_params, section
+    from vqatune.config import section
     from vqatune.training.config import TrainConfig, apply_overrides
 
-    return apply_overrides(section(load_params(REPO / "params.yaml"), "train", TrainConfig), TRAIN)
+    return apply_overrides(section(good_params(), "train", TrainConfig), TRAIN)
 
 
 def adapter_tensors(folder: Path) -> dict:
