@@ -280,7 +280,7 @@ def project_train_config(scale: Scale, *, lora_dropout: float | None = None, **o
     from vqatune.training.config import TrainConfig
 
     cfg = TrainConfig(
-        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing=True,
+        quantization="4bit", attn_implementation="sdpa", gradient_checkpointing="auto",
         cache_image_features=True, prompt_mode="none",
         batch_size=scale.train_batch, gradient_accumulation_steps=1, eval_batch_size=scale.train_batch,
         max_steps=scale.train_steps, learning_rate=2e-4, lr_scheduler="constant", warmup=0,
@@ -317,7 +317,7 @@ def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str
            "cache_image_features": cfg.cache_image_features, "losses": losses,
            "trainable_params": result.trainable_params, "fp32_residual": result.fp32_residual,
            "compiled_layers": result.compiled_layers, "dequantized_layers": result.dequantized_layers,
-           "dequantize_base": cfg.dequantize_base}
+           "dequantize_base": cfg.dequantize_base, "checkpointed_layers": result.checkpointed_layers}
     return out, adapter_dir
 
 
@@ -444,6 +444,12 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
 
 
 # Generation levers measured beside the evaluate stage's path (--levers): label -> EvaluateConfig changes.
+# Training levers beside the defaults: (train.gradient_checkpointing, results key).
+TRAIN_LEVERS = {
+    "checkpointing_all": (True, "project_checkpointing_all"),
+    "checkpointing_none": (False, "project_checkpointing_none"),
+}
+
 GENERATION_LEVERS = {
     "static_graphs": {"cache_implementation": "static_graphs"},
     "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
@@ -864,8 +870,12 @@ def write_report(results: dict, out: Path):
     if g:
         row("train: guide recipe (nf4, eager, batch 1, k-bit prep, LoRA MLP)", tr["guide"], g)
     for key, r in tr.items():
-        if key != "guide":
-            row(f"train: project, {r['label']}", r, g)
+        if key != "guide" and "examples_per_s" in r:
+            row(f"train: project, {r['label']}"
+                + (f" [{r['checkpointed_layers']} layers recompute]" if r.get("checkpointed_layers") is not None
+                   and key != "project_default" else ""), r, g)
+        elif key != "guide":
+            lines.append(f"| train: project, {r.get('label')} | failed: {r.get('error')} | | | |")
     peer = results.get("unsloth")
     if peer is not None:
         for n, entry in (peer.get("batches") or {}).items():
@@ -961,6 +971,10 @@ def main(argv=None):
     ap.add_argument("--levers", action="store_true",
                     help="issue 25's levers side by side: train.dequantize_base on and off; generation "
                          "with static_graphs, with and without length buckets")
+    ap.add_argument("--train-levers", default="", help="comma-separated training levers, each run beside "
+                    f"the defaults: dequantize_other, {', '.join(TRAIN_LEVERS)}")
+    ap.add_argument("--gen-levers", default="", help="comma-separated generation levers: "
+                    f"{', '.join(GENERATION_LEVERS)}")
     ap.add_argument("--unsloth", action="store_true",
                     help="Unsloth's FastVisionModel training on the same model, first, in its own process")
     ap.add_argument("--unsloth-path", default=".unsloth", help="Unsloth's carried package tree")
@@ -984,7 +998,9 @@ def main(argv=None):
         if args.collate:
             return collate_cost(work, out, scale, args.tiny)
         return run(work, out, scale, args.tiny, skip_guide=args.skip_guide, levers=args.levers,
-                   unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout)
+                   unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout,
+                   train_levers=tuple(x for x in args.train_levers.split(",") if x),
+                   gen_levers=tuple(x for x in args.gen_levers.split(",") if x))
 
 
 def run_parity(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
@@ -1035,7 +1051,8 @@ def unsloth_peer(model_dir: Path, out: Path, *, path: Path, timeout: int) -> dic
 
 
 def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = False, levers: bool = False,
-        unsloth: bool = False, unsloth_path: Path = Path(".unsloth"), unsloth_timeout: int = 240) -> dict:
+        unsloth: bool = False, unsloth_path: Path = Path(".unsloth"), unsloth_timeout: int = 240,
+        train_levers: tuple[str, ...] = (), gen_levers: tuple[str, ...] = ()) -> dict:
     """The whole benchmark. ``skip_guide``: without the guide's recipe (training, loss parity,
     one-at-a-time generation), for a call too short for everything; ``levers``: the issue-25
     levers side by side (training with the nf4 weights dequantized per call vs once; generation
@@ -1046,9 +1063,12 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
     import trl
 
     started = time.perf_counter()
+    if levers:
+        train_levers = ("dequantize_other", *TRAIN_LEVERS)
     results = {"device": DEV.name, "torch": torch.__version__, "transformers": transformers.__version__,
                "peft": peft.__version__, "trl": trl.__version__, "scale": dataclasses.asdict(scale),
-               "options": {"skip_guide": skip_guide, "levers": levers, "unsloth": unsloth}}
+               "options": {"skip_guide": skip_guide, "levers": levers, "unsloth": unsloth,
+                           "train_levers": list(train_levers), "gen_levers": list(gen_levers)}}
     try:
         import bitsandbytes
         results["bitsandbytes"] = bitsandbytes.__version__
@@ -1078,22 +1098,36 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
         log.info("guide training %s; parity %s", guide, {k: v for k, v in results["parity"]["training"].items()
                                                          if not isinstance(v, list)})
     fast, adapter_dir = project_training(model_dir, data_dir, work, scale, name="default")
-    fast["label"] = (f"defaults (nf4, sdpa, batch {fast['batch']}, checkpointing, image cache"
+    ckpt = fast.get("checkpointed_layers")
+    ckpt = "checkpointing" if ckpt is None else f"checkpointing auto: {ckpt} layers recompute"
+    fast["label"] = (f"defaults (nf4, sdpa, batch {fast['batch']}, {ckpt}, image cache"
                      + (", fp32 residual stream" if fast["fp32_residual"] else "")
                      + (", compiled layers" if fast["compiled_layers"] else "")
                      + (", nf4 dequantized once" if fast["dequantized_layers"] else "") + ")")
     results["training"]["project_default"] = fast
     save()
     log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})
-    if levers:
-        # The lever side by side: the defaults with the other dequantize_base setting.
-        other = not fast["dequantized_layers"]
-        row, _ = project_training(model_dir, data_dir, work, scale, name="dequantize_other", dequantize_base=other)
-        row["label"] = ("the same, nf4 dequantized once (train.dequantize_base: true)" if other else
-                        "the same, nf4 dequantized per call (train.dequantize_base: false)")
-        results["training"]["project_dequantize_" + ("on" if other else "off")] = row
+    for lever in train_levers:
+        # Each lever side by side: the defaults with one setting changed.
+        if lever == "dequantize_other":
+            other = not fast["dequantized_layers"]
+            key, overrides = "project_dequantize_" + ("on" if other else "off"), {"dequantize_base": other}
+            label = ("the same, nf4 dequantized once (train.dequantize_base: true)" if other else
+                     "the same, nf4 dequantized per call (train.dequantize_base: false)")
+        else:
+            setting, key = TRAIN_LEVERS[lever]
+            overrides = {"gradient_checkpointing": setting}
+            label = f"the same, train.gradient_checkpointing: {str(setting).lower()}"
+        try:
+            row, _ = project_training(model_dir, data_dir, work, scale, name=lever, **overrides)
+        except Exception as err:  # e.g. out of memory: reported, not fatal to the benchmark
+            log.exception("training lever %s failed", lever)
+            row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]}
+            free()
+        row["label"] = label
+        results["training"][key] = row
         save()
-        log.info("project training, dequantize_base=%s %s", other, {k: v for k, v in row.items() if k != "losses"})
+        log.info("project training, %s %s", lever, {k: v for k, v in row.items() if k != "losses"})
     # Evaluation.
     results["evaluation"] = {}
     if not skip_guide:
@@ -1101,8 +1135,8 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
         save()
         log.info("guide generation %s", results["evaluation"]["guide"])
     results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
-        model_dir, adapter_dir, data_dir, scale, plain_row=not levers,
-        levers=tuple(GENERATION_LEVERS) if levers else ())
+        model_dir, adapter_dir, data_dir, scale, plain_row=not (levers or gen_levers),
+        levers=tuple(GENERATION_LEVERS) if levers else tuple(gen_levers))
     save()
     log.info("project generation %s", results["evaluation"]["project"])
     summarize(results, model_dir, data_dir, scale)
@@ -1116,7 +1150,7 @@ def summarize(results: dict, model_dir: Path, data_dir: Path, scale: Scale) -> N
     and the targets, from what ``results`` holds."""
     mfu_table(results, model_dir, data_dir, scale)
     tr, ev = results["training"], results["evaluation"]
-    project_rows = {k: r for k, r in tr.items() if k != "guide"}
+    project_rows = {k: r for k, r in tr.items() if k != "guide" and "examples_per_s" in r}
     best_key = max(project_rows, key=lambda k: project_rows[k]["examples_per_s"])
     results["train_examples_per_s"] = tr["project_default"]["examples_per_s"]
     results["train_examples_per_s_best"] = {"examples_per_s": project_rows[best_key]["examples_per_s"], "run": best_key}

@@ -28,8 +28,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # sdpa: ~4x the guide's eager throughput on an H100.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    # Recompute activations in the backward pass: ~30% slower, a fraction of the memory.
-    gradient_checkpointing: bool = True
+    # Recompute activations in the backward pass: ~1.5x the step time, a fraction of the memory.
+    # auto: on CUDA, only as many decoder layers as the free memory needs (the others keep their
+    # activations; vqatune.training.checkpointing), off on CPU.
+    gradient_checkpointing: Union[bool, Literal["auto"]] = True
     # Vision features once per distinct image, reused by all its QA and every epoch (~9 QA per
     # Kvasir image, ~5.5 TFLOP per 896 px image on MedGemma): identical features while the vision
     # tower and projector are frozen; skipped (logged) when they train. vqatune.vision.

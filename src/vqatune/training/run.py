@@ -15,7 +15,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from ..config import ConfigError, as_dict, require
 from ..provenance import peak_memory
@@ -49,6 +49,9 @@ class TrainResult:
     fp32_residual: bool          # the residual stream ran in fp32 (train.fp32_residual with mixed precision)
     compiled_layers: int         # transformer layers compiled (train.compile; 0 = eager)
     dequantized_layers: int      # nf4 layers dequantized once to bf16 (train.dequantize_base; 0 = off)
+    # decoder layers that recompute their activations (train.gradient_checkpointing; None: all
+    # or none as set, a number with auto)
+    checkpointed_layers: Optional[int]
     resumed: bool
     resumed_from_step: int
     partial: bool
@@ -103,6 +106,7 @@ class _Setup:
     device: str
     compute_dtype: str
     precision: str
+    checkpointing: Union[bool, str]  # train.gradient_checkpointing resolved: True, False or "auto" (CUDA)
 
 
 def run_training(train_cfg: TrainConfig, model_dir: str | Path, processed_dir: str | Path,
@@ -121,6 +125,7 @@ def run_training(train_cfg: TrainConfig, model_dir: str | Path, processed_dir: s
     import torch
 
     from ..models.loading import resolve_device
+    from . import checkpointing
     from .trainer import resolved_precision
 
     device = distributed.process_device(resolve_device(device))
@@ -131,7 +136,8 @@ def run_training(train_cfg: TrainConfig, model_dir: str | Path, processed_dir: s
                    output_dir=None if output_dir is None else Path(output_dir),
                    checkpoint_dir=Path(checkpoint_dir), callbacks=callbacks,
                    max_train_rows=max_train_rows, resume=resume, trust_remote_code=trust_remote_code,
-                   device=device, compute_dtype=compute_dtype, precision=precision)
+                   device=device, compute_dtype=compute_dtype, precision=precision,
+                   checkpointing=checkpointing.resolve(train_cfg.gradient_checkpointing, device))
     threads = torch.get_num_threads()
     if not device.startswith("cuda") and train_cfg.cpu_threads:
         torch.set_num_threads(train_cfg.cpu_threads)
@@ -200,7 +206,7 @@ def _build_model(s: _Setup):
              dequantized, why)
     # An fp32 stream needs autocast (mixed precision) to feed the bf16 weights' matmuls.
     fp32_residual = cfg.fp32_residual and s.precision in ("bf16", "fp16")
-    model = prepare_for_kbit_training(model, cfg.gradient_checkpointing, fp32_residual=fp32_residual)
+    model = prepare_for_kbit_training(model, bool(s.checkpointing), fp32_residual=fp32_residual)
     model = attach_lora(model, cfg.lora)
     feature_cache = maybe_install_image_feature_cache(model, training=True, enabled=cfg.cache_image_features)
     compiled_layers = 0
@@ -220,6 +226,7 @@ def _run(s: _Setup) -> TrainResult:
     from ..models.compile import freeze_gc_after_warmup
     from ..models.loading import free_model
     from ..models.lora import trainable_parameters
+    from .checkpointing import apply_auto, longest_row_tokens
     from .collate import AnswerOnlyCollator
     from .features import precompute_image_features
     from .trainer import LeanSFTTrainer, build_sft_config
@@ -246,7 +253,8 @@ def _run(s: _Setup) -> TrainResult:
         all_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = LeanSFTTrainer(
         model=model,
-        args=build_sft_config(cfg, run_dir, s.precision, eval_on_start=checkpoint is None, device=s.device),
+        args=build_sft_config(cfg, run_dir, s.precision, eval_on_start=checkpoint is None, device=s.device,
+                              checkpointing=s.checkpointing),
         train_dataset=step_train_ds,
         eval_dataset=step_eval_ds,
         data_collator=collator,
@@ -264,10 +272,19 @@ def _run(s: _Setup) -> TrainResult:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     interrupted = False
+    checkpointed = None
     try:
         if precompute:
             precompute_image_features(trainer, feature_cache, collator, (train_ds, eval_ds),
                                       cfg.batch_size, cfg.dataloader_num_workers)
+        if s.checkpointing == "auto":
+            # Planned now: the model, the adapters and the feature table take their memory first.
+            per_device, _ = distributed.split_global_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                                           distributed.world_size())
+            longest = longest_row_tokens(collator, step_train_ds if precompute else train_ds,
+                                         sample=256 if precompute else 32)
+            checkpointed = apply_auto(model, tokens_per_step=per_device * longest,
+                                      fp32_residual=fp32_residual)["checkpointed_layers"]
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         interrupted = True
@@ -305,6 +322,7 @@ def _run(s: _Setup) -> TrainResult:
         fp32_residual=fp32_residual,
         compiled_layers=compiled_layers,
         dequantized_layers=dequantized,
+        checkpointed_layers=checkpointed,
         resumed=checkpoint is not None,
         resumed_from_step=resumed_from,
         partial=interrupted,

@@ -110,7 +110,11 @@ def resolved_precision(cfg: TrainConfig, device: str) -> tuple[str, str]:
     return compute, precision
 
 
-def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_start: bool, device: str):
+def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_start: bool, device: str,
+                     checkpointing=None):
+    """TRL's SFTConfig for ``cfg``. ``checkpointing``: the resolved train.gradient_checkpointing
+    (default: as set); with "auto" the trainer must not turn it on for every layer (its train()
+    would): prepare_for_kbit_training turned it on and checkpointing.apply_auto chose the layers."""
     from trl import SFTConfig
 
     processes = distributed.world_size()
@@ -143,7 +147,7 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         load_best_model_at_end=cfg.load_best_model_at_end,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=(cfg.gradient_checkpointing if checkpointing is None else checkpointing) is True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # Our collator reads the image and messages columns and builds the labels itself.
         remove_unused_columns=False,
