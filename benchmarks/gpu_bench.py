@@ -444,10 +444,15 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
 
 
 # Generation levers measured beside the evaluate stage's path (--levers): label -> EvaluateConfig changes.
-# Training levers beside the defaults: (train.gradient_checkpointing, results key).
+# Training levers beside the defaults: (overrides of the defaults, results key, label).
 TRAIN_LEVERS = {
-    "checkpointing_all": (True, "project_checkpointing_all"),
-    "checkpointing_none": (False, "project_checkpointing_none"),
+    "checkpointing_all": ({"gradient_checkpointing": True}, "project_checkpointing_all",
+                          "the same, every layer recomputes (train.gradient_checkpointing: true)"),
+    "checkpointing_none": ({"gradient_checkpointing": False}, "project_checkpointing_none",
+                           "the same, no layer recomputes (train.gradient_checkpointing: false)"),
+    # configs/profiles/medgemma-16gb.yaml's memory settings at the benchmark's batch
+    "mode_16gb": ({"gradient_checkpointing": True, "dequantize_base": False}, "project_16gb",
+                  "16 GB mode (every layer recomputes, nf4 dequantized per call)"),
 }
 
 GENERATION_LEVERS = {
@@ -1115,9 +1120,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
             label = ("the same, nf4 dequantized once (train.dequantize_base: true)" if other else
                      "the same, nf4 dequantized per call (train.dequantize_base: false)")
         else:
-            setting, key = TRAIN_LEVERS[lever]
-            overrides = {"gradient_checkpointing": setting}
-            label = f"the same, train.gradient_checkpointing: {str(setting).lower()}"
+            overrides, key, label = TRAIN_LEVERS[lever]
         try:
             row, _ = project_training(model_dir, data_dir, work, scale, name=lever, **overrides)
         except Exception as err:  # e.g. out of memory: reported, not fatal to the benchmark

@@ -226,6 +226,11 @@ def test_benchmark_levers_and_unsloth_row_without_the_guide(tmp_path):
     # CPU: auto leaves the nf4 layers as they are; the lever row dequantizes them once
     assert tr["project_default"]["dequantized_layers"] == 0
     assert tr["project_dequantize_on"]["dequantized_layers"] > 0 and tr["project_dequantize_on"]["examples_per_s"] > 0
+    # the checkpointing levers and the 16 GB mode, each a measured row with its own setting
+    assert tr["project_default"]["gradient_checkpointing"] == "auto"
+    assert tr["project_checkpointing_all"]["gradient_checkpointing"] is True
+    assert tr["project_checkpointing_none"]["gradient_checkpointing"] is False
+    assert tr["project_16gb"]["dequantize_base"] is False and tr["project_16gb"]["examples_per_s"] > 0
     levers = ev["project"]["levers"]
     assert set(levers) == set(gpu_bench.GENERATION_LEVERS)
     assert all(lever["examples_per_s"] > 0 and lever["answers_equal_dynamic"] == 1.0 for lever in levers.values())
