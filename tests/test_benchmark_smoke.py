@@ -233,7 +233,7 @@ def test_benchmark_levers_and_unsloth_row_without_the_guide(tmp_path):
     assert tr["project_16gb"]["dequantize_base"] is False and tr["project_16gb"]["examples_per_s"] > 0
     levers = ev["project"]["levers"]
     assert set(levers) == set(gpu_bench.GENERATION_LEVERS)
-    assert all(lever["examples_per_s"] > 0 and lever["answers_equal_dynamic"] == 1.0 for lever in levers.values())
+    assert all(lever["examples_per_s"] > 0 and lever["answers_equal_default"] == 1.0 for lever in levers.values())
     assert results["parity"]["generation"]["share_identical"] == 1.0
     assert set(results["parity"]["generation"]["levers"]) == set(levers)
     assert "not run" in results["unsloth"]["error"] and "unsloth_ratio" not in results

@@ -365,6 +365,42 @@ def test_batch_encoder_returns_what_one_processor_call_returns(tiny):
     assert one["input_ids"].shape[0] == 1
 
 
+def test_batch_encoders_reuse_their_processor_copies_and_follow_the_padding_side(tiny_model_dir, monkeypatch):
+    import copy
+
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)  # its own: the spare copies are per processor
+    rows = synthetic_qa(4, processor.image_processor.size["height"], seed=4)[:3]
+    assert len(rows) == 3
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                            {"type": "text", "text": r.question * (i + 1)}]}],
+                                           add_generation_prompt=True, tokenize=False) for i, r in enumerate(rows)]
+    images = [r.image for r in rows]
+    copied = []
+    real = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a, **k: (copied.append(obj) if obj is processor else None,
+                                                                 real(obj, *a, **k))[1])
+
+    def encode(side):
+        processor.tokenizer.padding_side = side
+        ref = processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        encoder = BatchEncoder(processor, texts, images, threads=2)
+        try:
+            got = encoder.submit([0, 1, 2]).result()
+        finally:
+            encoder.close()
+        assert all(torch.equal(got[key], ref[key]) for key in ref), side
+        return got
+
+    left = encode("left")
+    assert len(copied) == 2
+    right = encode("right")
+    assert len(copied) == 2  # the second encoder took the first one's copies
+    assert not torch.equal(left["input_ids"], right["input_ids"])  # and padded on the processor's side now
+
+
 class _CountingImages(list):
     """The image column, counting reads: an image already in the pixel cache is never read."""
 
