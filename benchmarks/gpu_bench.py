@@ -462,7 +462,7 @@ GENERATION_LEVERS = {
 }
 
 
-def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_row: bool = True,
+def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_row: bool = False,
                        levers: tuple[str, ...] = ()):
     """The evaluate stage's generation: base loaded once (bf16), adapter on/off, image features
     cached, each image's pixels made once (img_id keys, one pixel cache for the six
@@ -983,6 +983,8 @@ def main(argv=None):
                     f"the defaults: dequantize_other, {', '.join(TRAIN_LEVERS)}")
     ap.add_argument("--gen-levers", default="", help="comma-separated generation levers: "
                     f"{', '.join(GENERATION_LEVERS)}")
+    ap.add_argument("--uncompiled-norms-row", action="store_true",
+                    help="also the evaluation without compiled RMSNorms first (~1 minute more)")
     ap.add_argument("--unsloth", action="store_true",
                     help="Unsloth's FastVisionModel training on the same model, first, in its own process")
     ap.add_argument("--unsloth-path", default=".unsloth", help="Unsloth's carried package tree")
@@ -1008,7 +1010,8 @@ def main(argv=None):
         return run(work, out, scale, args.tiny, skip_guide=args.skip_guide, levers=args.levers,
                    unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout,
                    train_levers=tuple(x for x in args.train_levers.split(",") if x),
-                   gen_levers=tuple(x for x in args.gen_levers.split(",") if x))
+                   gen_levers=tuple(x for x in args.gen_levers.split(",") if x),
+                   uncompiled_norms_row=args.uncompiled_norms_row)
 
 
 def run_parity(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
@@ -1060,7 +1063,8 @@ def unsloth_peer(model_dir: Path, out: Path, *, path: Path, timeout: int) -> dic
 
 def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = False, levers: bool = False,
         unsloth: bool = False, unsloth_path: Path = Path(".unsloth"), unsloth_timeout: int = 240,
-        train_levers: tuple[str, ...] = (), gen_levers: tuple[str, ...] = ()) -> dict:
+        train_levers: tuple[str, ...] = (), gen_levers: tuple[str, ...] = (),
+        uncompiled_norms_row: bool = False) -> dict:
     """The whole benchmark. ``skip_guide``: without the guide's recipe (training, loss parity,
     one-at-a-time generation), for a call too short for everything; ``levers``: the issue-25
     levers side by side (training with the nf4 weights dequantized per call vs once; generation
@@ -1141,7 +1145,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
         save()
         log.info("guide generation %s", results["evaluation"]["guide"])
     results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
-        model_dir, adapter_dir, data_dir, scale, plain_row=not (levers or gen_levers),
+        model_dir, adapter_dir, data_dir, scale, plain_row=uncompiled_norms_row,
         levers=tuple(GENERATION_LEVERS) if levers else tuple(gen_levers))
     save()
     log.info("project generation %s", results["evaluation"]["project"])
