@@ -29,9 +29,10 @@ Instead of the whole benchmark, one part of it on its own (same world, same ``--
   vs image keys (``collate.json``; CPU only, the builtin tiny model's processor).
 
 Issue 25's device run, in one call of under ten minutes (``--skip-guide``: no guide recipe,
-loss parity or one-at-a-time guide generation; ``--levers``: ``train.dequantize_base`` on and off,
-generation with ``static_graphs`` with and without length buckets, each with its answer parity;
-``--unsloth``: Unsloth's FastVisionModel on the same model first, in its own process,
+loss parity or one-at-a-time guide generation; ``--levers``: every training lever (checkpointing,
+``train.dequantize_base``, the 16 GB mode) and generation lever (dynamic cache, length buckets)
+beside the defaults, each generation lever with its answer parity; ``--train-levers`` /
+``--gen-levers``: a chosen few; ``--unsloth``: Unsloth's FastVisionModel on the same model first, in its own process,
 benchmarks/unsloth_peer.py, and ``unsloth_ratio`` in the results):
 
     source benchmarks/offline_gpu_setup.sh && python benchmarks/gpu_bench.py --out $OUT \
@@ -443,9 +444,10 @@ def guide_generation(model_dir, adapter_dir, data_dir, scale: Scale):
             "mean_new_tokens": tokens / len(jobs)}
 
 
-# Generation levers measured beside the evaluate stage's path (--levers): label -> EvaluateConfig changes.
-# Training levers beside the defaults: (overrides of the defaults, results key, label).
+# Training levers beside the defaults: name -> (overrides of the defaults, results key, label);
+# "dequantize_other" takes the dequantize_base setting the defaults did not get (train_lever).
 TRAIN_LEVERS = {
+    "dequantize_other": (None, None, None),
     "checkpointing_all": ({"gradient_checkpointing": True}, "project_checkpointing_all",
                           "the same, every layer recomputes (train.gradient_checkpointing: true)"),
     "checkpointing_none": ({"gradient_checkpointing": False}, "project_checkpointing_none",
@@ -455,9 +457,10 @@ TRAIN_LEVERS = {
                   "16 GB mode (every layer recomputes, nf4 dequantized per call)"),
 }
 
+# Generation levers beside the evaluate stage's path (static_graphs, as the MedGemma profile
+# generates): name -> EvaluateConfig changes.
 GENERATION_LEVERS = {
     "dynamic_cache": {"cache_implementation": "dynamic"},
-    "static_graphs": {"cache_implementation": "static_graphs"},
     "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
 }
 
@@ -977,10 +980,10 @@ def main(argv=None):
     ap.add_argument("--skip-guide", action="store_true",
                     help="without the guide's recipe (its training, the loss parity, its generation)")
     ap.add_argument("--levers", action="store_true",
-                    help="issue 25's levers side by side: train.dequantize_base on and off; generation "
-                         "with static_graphs, with and without length buckets")
+                    help="every training and generation lever beside the defaults (--train-levers and "
+                         "--gen-levers name a few)")
     ap.add_argument("--train-levers", default="", help="comma-separated training levers, each run beside "
-                    f"the defaults: dequantize_other, {', '.join(TRAIN_LEVERS)}")
+                    f"the defaults: {', '.join(TRAIN_LEVERS)}")
     ap.add_argument("--gen-levers", default="", help="comma-separated generation levers: "
                     f"{', '.join(GENERATION_LEVERS)}")
     ap.add_argument("--uncompiled-norms-row", action="store_true",
@@ -1009,9 +1012,29 @@ def main(argv=None):
             return collate_cost(work, out, scale, args.tiny)
         return run(work, out, scale, args.tiny, skip_guide=args.skip_guide, levers=args.levers,
                    unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout,
-                   train_levers=tuple(x for x in args.train_levers.split(",") if x),
-                   gen_levers=tuple(x for x in args.gen_levers.split(",") if x),
+                   train_levers=lever_names(args.train_levers, TRAIN_LEVERS, ap, "--train-levers"),
+                   gen_levers=lever_names(args.gen_levers, GENERATION_LEVERS, ap, "--gen-levers"),
                    uncompiled_norms_row=args.uncompiled_norms_row)
+
+
+def lever_names(text: str, known: dict, ap, flag: str) -> tuple[str, ...]:
+    """``--train-levers a,b`` -> ("a", "b"); an unknown name stops here, before the world is built."""
+    names = tuple(x for x in text.split(",") if x)
+    unknown = [x for x in names if x not in known]
+    if unknown:
+        ap.error(f"{flag}: unknown lever(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
+
+
+def train_lever(name: str, defaults: dict) -> tuple[dict, str, str]:
+    """(overrides of the defaults, results key, label) of a training lever; ``defaults``: the
+    default row, which decides what dequantize_other compares against."""
+    if name == "dequantize_other":
+        other = not defaults["dequantized_layers"]
+        return ({"dequantize_base": other}, "project_dequantize_" + ("on" if other else "off"),
+                "the same, nf4 dequantized once (train.dequantize_base: true)" if other else
+                "the same, nf4 dequantized per call (train.dequantize_base: false)")
+    return TRAIN_LEVERS[name]
 
 
 def run_parity(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
@@ -1068,15 +1091,17 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
     """The whole benchmark. ``skip_guide``: without the guide's recipe (training, loss parity,
     one-at-a-time generation), for a call too short for everything; ``levers``: the issue-25
     levers side by side (training with the nf4 weights dequantized per call vs once; generation
-    with static_graphs, with and without length buckets) instead of the older uncompiled-norms
-    row; ``unsloth``: Unsloth's training on the same model first, in its own process."""
+    with the dynamic cache and with length buckets); ``train_levers`` / ``gen_levers``: names
+    from TRAIN_LEVERS / GENERATION_LEVERS, each run beside the defaults; ``uncompiled_norms_row``:
+    the evaluation without compiled RMSNorms too; ``unsloth``: Unsloth's training on the same
+    model first, in its own process."""
     import peft
     import transformers
     import trl
 
     started = time.perf_counter()
     if levers:
-        train_levers = ("dequantize_other", *TRAIN_LEVERS)
+        train_levers, gen_levers = tuple(TRAIN_LEVERS), tuple(GENERATION_LEVERS)
     results = {"device": DEV.name, "torch": torch.__version__, "transformers": transformers.__version__,
                "peft": peft.__version__, "trl": trl.__version__, "scale": dataclasses.asdict(scale),
                "options": {"skip_guide": skip_guide, "levers": levers, "unsloth": unsloth,
@@ -1121,13 +1146,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
     log.info("project training %s", {k: v for k, v in fast.items() if k != "losses"})
     for lever in train_levers:
         # Each lever side by side: the defaults with one setting changed.
-        if lever == "dequantize_other":
-            other = not fast["dequantized_layers"]
-            key, overrides = "project_dequantize_" + ("on" if other else "off"), {"dequantize_base": other}
-            label = ("the same, nf4 dequantized once (train.dequantize_base: true)" if other else
-                     "the same, nf4 dequantized per call (train.dequantize_base: false)")
-        else:
-            overrides, key, label = TRAIN_LEVERS[lever]
+        overrides, key, label = train_lever(lever, fast)
         try:
             row, _ = project_training(model_dir, data_dir, work, scale, name=lever, **overrides)
         except Exception as err:  # e.g. out of memory: reported, not fatal to the benchmark
@@ -1146,7 +1165,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
         log.info("guide generation %s", results["evaluation"]["guide"])
     results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
         model_dir, adapter_dir, data_dir, scale, plain_row=uncompiled_norms_row,
-        levers=tuple(GENERATION_LEVERS) if levers else tuple(gen_levers))
+        levers=gen_levers)
     save()
     log.info("project generation %s", results["evaluation"]["project"])
     summarize(results, model_dir, data_dir, scale)

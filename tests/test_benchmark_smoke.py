@@ -212,6 +212,15 @@ def test_e2e_overrides_apply_on_top_of_the_medgemma_profile(tmp_path):
     assert params["prepare"]["image_size"] == 224
 
 
+def test_an_unknown_lever_stops_the_benchmark_before_it_starts(tmp_path, capsys):
+    import gpu_bench
+
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--tiny", "--train-levers", "checkpointing_none,no_such_lever", "--out", str(tmp_path)])
+    assert "no_such_lever" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing built, nothing written
+
+
 def test_benchmark_levers_and_unsloth_row_without_the_guide(tmp_path):
     """gpu_bench.py --skip-guide --levers --unsloth (issue 25's device run): the dequantize_base
     lever on and off, the generation levers with their parity, and the Unsloth row (on CPU: the
