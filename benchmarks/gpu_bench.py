@@ -322,6 +322,27 @@ def project_training(model_dir, data_dir, work: Path, scale: Scale, *, name: str
     return out, adapter_dir
 
 
+def random_adapter(model_dir, work: Path, scale: Scale) -> Path:
+    """The project's adapter (LoRA on the MLP, as project_train_config) with seeded random
+    ``lora_B`` (std 1e-3, so it changes the answers), saved without training: ``--eval-only``
+    times the evaluation alone on it."""
+    from vqatune.models.loading import load_base_model
+    from vqatune.models.lora import attach_lora
+
+    base = load_base_model(model_dir, quantization="none", dtype="bfloat16", attn_implementation="sdpa",
+                           device="cpu")
+    model = attach_lora(base, project_train_config(scale).lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1e-3)
+    adapter_dir = work / "adapter_random"
+    model.save_pretrained(str(adapter_dir))
+    free(model, base)
+    return adapter_dir
+
+
 def loss_parity(model_dir, data_dir, scale: Scale):
     """Guide recipe vs the project's levers over the same batches, from the same adapter."""
     from datasets import load_from_disk
@@ -461,6 +482,8 @@ TRAIN_LEVERS = {
 # generates): name -> EvaluateConfig changes.
 GENERATION_LEVERS = {
     "dynamic_cache": {"cache_implementation": "dynamic"},
+    "no_shared_prefix": {"share_image_prefix": False},
+    "unmerged_adapter": {"merge_adapter": False},
     "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
 }
 
@@ -539,8 +562,10 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
     k = min(scale.parity_rows // 2, len(test))
     match, total, examples, lever_match = 0, 0, [], {}
     for tuned in (True, False):
-        ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
-        with ctx:
+        ctx = tuned_weights(model, cfg) if tuned else model.disable_adapter()
+        with ctx as merge:
+            if tuned:
+                merge()
             single = generate_answers(model, processor, messages["none"][:k], [images[i] for i in range(k)],
                                       batch_size=1, max_new_tokens=cfg.max_new_tokens)
         batched = answers[("none", tuned)][:k]
@@ -597,19 +622,54 @@ def six_configurations(model, processor, messages, images, cfg, *, image_keys, p
     from vqatune.prompts import PROMPT_MODES
 
     answers, seconds = {}, seconds if seconds is not None else []
-    for mode in PROMPT_MODES:
-        for tuned in (False, True):
-            ctx = contextlib.nullcontext() if tuned else model.disable_adapter()
+
+    def configuration(mode, tuned, started=None):
+        DEV.sync()
+        t = time.perf_counter() if started is None else started
+        answers[(mode, tuned)] = generate_answers(
+            model, processor, messages[mode], images, batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens, image_keys=image_keys, pixel_cache=pixel_cache,
+            cache_implementation=cache_implementation, stats=stats, bucket_tokens=cfg.bucket_tokens,
+            share_image_prefix=cfg.share_image_prefix)
+        DEV.sync()
+        seconds.append(time.perf_counter() - t)
+
+    # The stage's order: the base configurations (adapter off), then the tuned ones with the
+    # adapter merged (the merge timed in the first of them).
+    with model.disable_adapter():
+        for mode in PROMPT_MODES:
+            configuration(mode, False)
+    with tuned_weights(model, cfg) as merge:
+        for n, mode in enumerate(PROMPT_MODES):
             DEV.sync()
             t = time.perf_counter()
-            with ctx:
-                answers[(mode, tuned)] = generate_answers(
-                    model, processor, messages[mode], images, batch_size=cfg.batch_size,
-                    max_new_tokens=cfg.max_new_tokens, image_keys=image_keys, pixel_cache=pixel_cache,
-                    cache_implementation=cache_implementation, stats=stats, bucket_tokens=cfg.bucket_tokens)
-            DEV.sync()
-            seconds.append(time.perf_counter() - t)
+            if n == 0:
+                merge()
+            configuration(mode, True, started=t)
     return answers, seconds
+
+
+@contextlib.contextmanager
+def tuned_weights(model, cfg):
+    """Yields ``merge()``: the adapter merged as the evaluate stage merges it
+    (``evaluate.merge_adapter``; a no-op where it does not); on exit the base weights come back
+    exactly, from a host copy made before (unmerging subtracts, which rounds in bf16), for the
+    benchmark's next run on the same model."""
+    from vqatune.evaluation.run import merged_adapter, merges_adapter
+
+    if not merges_adapter(cfg):
+        yield lambda: None
+        return
+    modules = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    saved = {name: m.base_layer.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
+    try:
+        yield lambda: merged_adapter(model)
+    finally:
+        if any(m.merged for m in modules.values()):
+            model.unmerge_adapter()
+        with torch.no_grad():
+            for name, weight in saved.items():
+                modules[name].base_layer.weight.copy_(weight)
 
 
 def static_cache_generation(model, processor, messages, images, image_keys, pixel_cache, cfg) -> dict:
@@ -988,6 +1048,9 @@ def main(argv=None):
                     f"{', '.join(GENERATION_LEVERS)}")
     ap.add_argument("--uncompiled-norms-row", action="store_true",
                     help="also the evaluation without compiled RMSNorms first (~1 minute more)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="only the evaluation (and its parity), on a random untrained adapter: no training, "
+                         "no Unsloth (a quick measurement of generation levers)")
     ap.add_argument("--unsloth", action="store_true",
                     help="Unsloth's FastVisionModel training on the same model, first, in its own process")
     ap.add_argument("--unsloth-path", default=".unsloth", help="Unsloth's carried package tree")
@@ -1014,7 +1077,7 @@ def main(argv=None):
                    unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout,
                    train_levers=lever_names(args.train_levers, TRAIN_LEVERS, ap, "--train-levers"),
                    gen_levers=lever_names(args.gen_levers, GENERATION_LEVERS, ap, "--gen-levers"),
-                   uncompiled_norms_row=args.uncompiled_norms_row)
+                   uncompiled_norms_row=args.uncompiled_norms_row, eval_only=args.eval_only)
 
 
 def lever_names(text: str, known: dict, ap, flag: str) -> tuple[str, ...]:
@@ -1087,14 +1150,15 @@ def unsloth_peer(model_dir: Path, out: Path, *, path: Path, timeout: int) -> dic
 def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = False, levers: bool = False,
         unsloth: bool = False, unsloth_path: Path = Path(".unsloth"), unsloth_timeout: int = 240,
         train_levers: tuple[str, ...] = (), gen_levers: tuple[str, ...] = (),
-        uncompiled_norms_row: bool = False) -> dict:
+        uncompiled_norms_row: bool = False, eval_only: bool = False) -> dict:
     """The whole benchmark. ``skip_guide``: without the guide's recipe (training, loss parity,
     one-at-a-time generation), for a call too short for everything; ``levers``: the issue-25
     levers side by side (training with the nf4 weights dequantized per call vs once; generation
     with the dynamic cache and with length buckets); ``train_levers`` / ``gen_levers``: names
     from TRAIN_LEVERS / GENERATION_LEVERS, each run beside the defaults; ``uncompiled_norms_row``:
     the evaluation without compiled RMSNorms too; ``unsloth``: Unsloth's training on the same
-    model first, in its own process."""
+    model first, in its own process; ``eval_only``: the evaluation alone, on a random adapter
+    (no training, no Unsloth, no summary against the targets)."""
     import peft
     import transformers
     import trl
@@ -1118,6 +1182,14 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
 
     model_dir, data_dir, results["world"] = build_world(work, scale, tiny)
     log.info("world %s", results["world"])
+    if eval_only:
+        results["options"]["eval_only"] = True
+        results["evaluation"], results["parity"] = {}, {}
+        results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
+            model_dir, random_adapter(model_dir, work, scale), data_dir, scale, plain_row=uncompiled_norms_row,
+            levers=gen_levers)
+        save()
+        return results
     if unsloth:
         # First, on an otherwise idle card; its timeout bounds it, and the project's parts follow.
         results["unsloth"] = unsloth_peer(model_dir, out, path=unsloth_path, timeout=unsloth_timeout)

@@ -131,6 +131,41 @@ def test_image_keys_give_the_same_answers_and_process_each_image_once(tiny):
     assert stats["generate_s"] > 0 and stats["total_s"] >= stats["generate_s"] + stats["encode_wait_s"]
 
 
+def test_a_feature_cache_answers_keyed_rows_by_name_without_their_pixels(tiny):
+    """The evaluate stage's path: with an image-feature cache on the model, a keyed batch carries
+    each row's image name (int64 keys) and the pixels of unseen images only. The answers equal
+    those from pixels; over two configurations the tower and the processor see each image once."""
+    from vqatune.vision.feature_cache import _multimodal_core, install_image_feature_cache
+    from vqatune.vision.pixel_cache import ImagePixelCache
+
+    model, processor = tiny
+    messages, distinct = _inputs(9)
+    images = [distinct[i % 3] for i in range(9)]
+    keys = [f"img{i % 3}" for i in range(9)]
+    plain = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6)
+    assert len(set(plain)) > 1
+    seen = []
+    hook = _multimodal_core(model).register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("pixel_values")), with_kwargs=True)
+    cache = install_image_feature_cache(model, training=False)
+    try:
+        pixels, stats = ImagePixelCache(), {}
+        keyed = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6,
+                                 image_keys=keys, pixel_cache=pixels, stats=stats)
+        again = generate_answers(model, processor, messages[::-1], images[::-1], batch_size=4, max_new_tokens=6,
+                                 image_keys=keys[::-1], pixel_cache=pixels, stats=stats)
+    finally:
+        cache.uninstall()
+        hook.remove()
+    assert keyed == plain and again == plain[::-1]
+    assert cache.misses == 3, "the vision tower runs once per distinct image"
+    assert stats["images_processed"] == 3 and stats["images_reused"] == 15 and stats["image_features_s"] > 0
+    prefills = [p for p in seen if p is not None]
+    assert len(prefills) == 6, "one forward with images per batch"
+    assert all(p.dtype == torch.int64 and p.shape[1] == 2 for p in prefills), "rows name their images"
+    assert len(pixels) == 0, "no pixels are kept where the features are"
+
+
 def test_static_cache_gives_the_dynamic_answers(tiny):
     model, processor = tiny
     messages, images = _inputs(5)
@@ -208,6 +243,38 @@ def test_static_graphs_answers_equal_dynamic_and_buckets_change_nothing(tiny):
                             cache_implementation="static_graphs", stats=fallback) == \
         generate_answers(model, processor, long_messages, long_images, batch_size=3, max_new_tokens=6)
     assert "sliding window" in fallback.get("graph_fallback", "sliding window")
+
+
+def test_rows_sharing_an_image_prefix_answer_as_one_forward_would(tiny):
+    """share_image_prefix: each (image, prompt-before-the-image) group runs its prefix once and
+    every row its own question over those keys and values. The answers equal generate's on the
+    whole prompts, rows of different images and prompt modes mixed in one batch."""
+    from vqatune.vision.feature_cache import install_image_feature_cache
+
+    model, processor = tiny
+    messages, distinct = _short_inputs(8)   # modes none and static alternate: two prefixes an image
+    images = [distinct[i // 2 % 2] for i in range(8)]   # rows 0-1, 4-5: image 0; 2-3, 6-7: image 1
+    keys = [f"img{i // 2 % 2}" for i in range(8)]
+    reference = generate_answers(model, processor, messages, images, batch_size=8, max_new_tokens=4)
+    assert len(set(reference)) > 1
+    cache = install_image_feature_cache(model, training=False)
+    try:
+        stats, plain = {}, {}
+        shared = generate_answers(model, processor, messages, images, batch_size=8, max_new_tokens=4,
+                                  image_keys=keys, cache_implementation="static_graphs", stats=stats,
+                                  share_image_prefix=True)
+        unshared = generate_answers(model, processor, messages, images, batch_size=8, max_new_tokens=4,
+                                    image_keys=keys, cache_implementation="static_graphs", stats=plain)
+    finally:
+        cache.uninstall()
+    assert "graph_fallback" not in stats
+    # every (image, prompt mode) pair is a group; 4 new tokens keep the longest prefix + the
+    # longest suffix + the answer inside the tiny model's sliding window
+    groups = {(k, i % 2) for i, k in enumerate(keys)}
+    assert len(groups) == 4
+    assert stats["shared_prefix_groups"] == len(groups) and stats["shared_prefix_rows"] == 8
+    assert "shared_prefix_groups" not in plain
+    assert shared == unshared == reference
 
 
 def test_a_batch_stops_once_every_row_has_ended(tiny):

@@ -50,12 +50,20 @@ class EvaluateConfig:
     # decoding step captured once per batch as a CUDA graph and replayed (no torch.compile: the
     # capture costs two eager steps); eager on CPU, same answers (tests/test_generation.py).
     cache_implementation: Literal["dynamic", "static", "static_graphs"] = "dynamic"
+    # With static_graphs and the image-feature cache: rows that show the same image after the same
+    # prompt text (modes none and static: every question of an image) run that prefix, ~260 of a
+    # MedGemma prompt's ~285 tokens, once (generation.graphs.shared_prefix_plan; same answers).
+    share_image_prefix: bool = True
     # Length buckets: a generation batch also ends where a prompt is more than this many text
     # tokens longer than the batch's first (rows are sorted by length). null: batches of batch_size.
     bucket_tokens: Optional[int] = None
     # torch.compile every RMSNorm (vqatune.models.compile.compile_norms): a decoding step is CPU-bound on
     # a fast GPU and half its operations are Gemma's RMSNorm. null: on with a CUDA device.
     compile: Optional[bool] = None
+    # The tuned configurations with the adapter merged into the weights (peft's merge_adapter), after
+    # the base ones: the adapter's extra matmuls are gone (same answers, gpu_bench). null: merged when
+    # the base is not quantized (merging into 4/8-bit weights would round the adapter).
+    merge_adapter: Optional[bool] = None
     # null: cuda when there is one, else cpu.
     device: Optional[str] = None
     # Torch threads on CPU. 1 suits the tiny model: its ops are too small to split, and idle
@@ -83,6 +91,9 @@ class EvaluateConfig:
                 "must be null or a positive layer number")
         require(self.cpu_threads is None or self.cpu_threads >= 1, f"{p}.cpu_threads",
                 "must be null (torch's default) or at least 1")
+        require(not (self.merge_adapter and self.quantization != "none"), f"{p}.merge_adapter",
+                f"can't merge into {self.quantization} weights (the update would be rounded away): "
+                "set quantization: none, or merge_adapter: null")
         require(self.bertscore_batch_size >= 1, f"{p}.bertscore_batch_size", "must be at least 1")
         require(self.bucket_tokens is None or self.bucket_tokens >= 0, f"{p}.bucket_tokens",
                 "must be null or a number of tokens >= 0")

@@ -1,9 +1,10 @@
 """Evaluation: the base and the tuned model under each prompt mode, plus the majority baseline.
 
 The base model is loaded once; the tuned model is the same weights with the LoRA adapter attached
-through peft and switched off (``disable_adapter``) for the base configurations, so the two never
-coexist in memory. Every configuration answers the same test rows with the shared generator and
-is scored by ``vqatune.evaluation.metrics``.
+through peft and switched off (``disable_adapter``) for the base configurations, then merged into
+the weights for the tuned ones (``evaluate.merge_adapter``), so the two never coexist in memory.
+Every configuration answers the same test rows with the shared generator and is scored by
+``vqatune.evaluation.metrics``.
 """
 from __future__ import annotations
 
@@ -114,10 +115,30 @@ def generation_levers(model, cfg: EvaluateConfig):
     from ..models.compile import compile_norms
     from ..vision.feature_cache import maybe_install_image_feature_cache
 
-    cache = maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features)
+    # On a GPU without a memory budget the features stay on it (~1.3 MB an image on MedGemma, ~1.7
+    # GB for Kvasir-VQA's test split): a keyed batch of 384 rows then gathers them there instead
+    # of stacking ~0.5 GB on the host and copying it. With max_memory_gib (a small card) on the host.
+    on_device = model.get_input_embeddings().weight.device.type == "cuda" and cfg.max_memory_gib is None
+    cache = maybe_install_image_feature_cache(model, training=False, enabled=cfg.cache_image_features,
+                                              device=None if on_device else "cpu")
     if compiles_norms(model, cfg):
         log.info("torch.compile: %d RMSNorm modules (the first batch compiles)", compile_norms(model))
     return cache
+
+
+def merges_adapter(cfg: EvaluateConfig) -> bool:
+    """``evaluate.merge_adapter`` (null = when the base is not quantized)."""
+    return cfg.quantization == "none" if cfg.merge_adapter is None else cfg.merge_adapter
+
+
+def merged_adapter(model):
+    """The adapter merged into ``model``'s weights (peft ``merge_adapter``), for the tuned
+    configurations after the base ones: a tuned forward then costs what a base forward costs, with
+    no per-layer LoRA matmuls, additions and scalings (on MedGemma the unmerged adapter made a
+    384-row batch ~1.5x slower, gpu_bench's generation profile). The model stays merged: unmerging
+    subtracts, which rounds in bf16, so nothing runs the base weights after this."""
+    model.merge_adapter()
+    return model
 
 
 def compiles_norms(model, cfg: EvaluateConfig) -> bool:
@@ -221,7 +242,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
                                        max_new_tokens=cfg.max_new_tokens, progress=progress,
                                        image_keys=keys, pixel_cache=pixels,
                                        cache_implementation=cfg.cache_implementation, stats=timing,
-                                       bucket_tokens=cfg.bucket_tokens)
+                                       bucket_tokens=cfg.bucket_tokens, share_image_prefix=cfg.share_image_prefix)
         seconds = time.perf_counter() - start
         total_seconds += seconds
         total_examples += len(answers)
@@ -233,21 +254,27 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
                  len(answers) / seconds)
         return result, mean_scores_by(per_row, categories)
 
-    # Generation
+    # Generation: the base configurations run the same weights with the adapter switched off,
+    # then the tuned ones, with the adapter merged into the weights unless merge_adapter is false.
+    messages = {mode: [prompt_messages(m) for m in test[f"messages_{mode}"]] for mode in PROMPT_MODES}
     for mode in PROMPT_MODES:
-        messages = [prompt_messages(m) for m in test[f"messages_{mode}"]]
-        for model_name in MODELS:
-            # The base configurations run the same weights with the adapter switched off.
-            adapter = model.disable_adapter() if model_name == "base" else contextlib.nullcontext()
-            scores[model_name][mode], by_category[model_name][mode] = run_configuration(
-                configuration_name(model_name, mode), messages, images, image_keys, pixel_cache, adapter)
-
+        scores["base"][mode], by_category["base"][mode] = run_configuration(
+            configuration_name("base", mode), messages[mode], images, image_keys, pixel_cache,
+            model.disable_adapter())
+    if merges_adapter(cfg):
+        start = time.perf_counter()
+        merged_adapter(model)
+        total_seconds += time.perf_counter() - start  # generation's cost too
+    for mode in PROMPT_MODES:
+        scores["tuned"][mode], by_category["tuned"][mode] = run_configuration(
+            configuration_name("tuned", mode), messages[mode], images, image_keys, pixel_cache,
+            contextlib.nullcontext())
     # The image ablation: the tuned model again (mode none) on blank images of the same sizes.
     # What it loses against tuned/none is what the adapter reads from the pixels.
     blank = BlankImages(images)
     ablation, ablation_by_category = run_configuration(
-        configuration_name(ABLATION, "none"), [prompt_messages(m) for m in test["messages_none"]], blank,
-        blank.keys(), ImagePixelCache(), contextlib.nullcontext())
+        configuration_name(ABLATION, "none"), messages["none"], blank, blank.keys(), ImagePixelCache(),
+        contextlib.nullcontext())
     scores[ABLATION], by_category[ABLATION] = {"none": ablation}, {"none": ablation_by_category}
 
     # The majority-answer baseline, scored the same way
@@ -267,6 +294,7 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
         "peak_memory_gib": round(peak, 3), "memory_measure": measure,
         "test_rows": len(test), "test_rows_total": len(splits["test"]),
         "cache_implementation": cfg.cache_implementation, "compiled_norms": compiles_norms(model, cfg),
+        "merged_adapter": merges_adapter(cfg),
         # Where the generation time went, summed over the six configurations and the ablation (generate_answers).
         "timing": {k: round(v, 3) if isinstance(v, float) else v for k, v in timing.items()},
     }

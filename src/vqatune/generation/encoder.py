@@ -53,6 +53,14 @@ class BatchEncoder:
     placeholder expanded as Gemma3Processor expands it. The result equals the processor's on
     the whole batch, key by key (tests/test_speed.py).
 
+    With ``image_keys`` and a ``feature_cache`` (the model's ``ImageFeatureCache``) a batch
+    carries no pixels for images whose features are known: ``pixel_values`` holds each row's
+    ``image_key`` (int64 [n, 2], what the cache answers keyed batches with), and
+    ``new_image_keys`` / ``new_pixel_values`` the images met for the first time (once each),
+    whose features the caller stores before the forward (``generate_answers``). An image is new
+    once per encoder: a later batch counts on the caller having stored it. No pixel is kept in
+    ``pixel_cache`` (the features are); only its counters move.
+
     Threads each borrow their own copy of the processor (a fast tokenizer is not safe to share
     across threads: padding settings are set on it per call). Pillow's decoders, the image
     processor's numpy work and the tokenizers release the GIL. ``close`` keeps the copies for
@@ -62,7 +70,7 @@ class BatchEncoder:
 
     def __init__(self, processor, texts, images, threads: int | None = None, *,
                  image_keys=None, pixel_cache: ImagePixelCache | None = None,
-                 pixel_dtype: torch.dtype | None = None, pin_memory: bool = False):
+                 pixel_dtype: torch.dtype | None = None, pin_memory: bool = False, feature_cache=None):
         import os
         import queue
         from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +81,8 @@ class BatchEncoder:
         self.image_keys = image_keys
         self.pixel_cache = pixel_cache if pixel_cache is not None or image_keys is None else ImagePixelCache()
         self.pixel_dtype = pixel_dtype
+        self.feature_cache = feature_cache if image_keys is not None else None
+        self._announced: set = set()  # image_keys of images whose pixels went out with a batch
         # Batches for a CUDA device: the pixels are assembled straight into page-locked memory,
         # so the ~1 GB host-to-device copy of a 192-row batch runs at full speed, asynchronously.
         self.pin_memory = pin_memory
@@ -158,7 +168,48 @@ class BatchEncoder:
         out = processor(text=texts, padding=True, add_special_tokens=False)
         return {key: torch.tensor(value) for key, value in out.items()}
 
+    def _pin(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        if not self.pin_memory:
+            return torch.cat(pixels)
+        shape = (sum(p.shape[0] for p in pixels), *pixels[0].shape[1:])
+        return torch.cat(pixels, out=torch.empty(shape, dtype=pixels[0].dtype, pin_memory=True))
+
+    def _submit_with_features(self, rows):
+        from ..vision.keys import image_key
+
+        cache, known = self.pixel_cache, self.feature_cache
+        keys = [image_key(self.image_keys[i]) for i in rows]
+        new: dict = {}  # image_key -> its first row
+        for i, key in zip(rows, keys):
+            if key in known or key in self._announced or key in new:
+                cache.reused += 1
+            else:
+                new[key] = i
+        self._announced.update(new)
+        cache.computed += len(new)
+        firsts = list(new.values())
+        size = -(-len(firsts) // self.threads) if firsts else 1
+        pixel_jobs = [self.pool.submit(self._run, self._pixels, firsts[s:s + size])
+                      for s in range(0, len(firsts), size)]
+        size = -(-len(rows) // self.threads)
+        texts = [self.pool.submit(self._run, self._text, rows[i:i + size]) for i in range(0, len(rows), size)]
+
+        def assemble():
+            inputs = self._merge([t.result() for t in texts])
+            inputs["pixel_values"] = torch.tensor(keys, dtype=torch.int64).reshape(-1, 2)
+            if new:
+                start = time.perf_counter()
+                inputs["new_image_keys"] = torch.tensor(list(new), dtype=torch.int64).reshape(-1, 2)
+                inputs["new_pixel_values"] = self._pin([p for job in pixel_jobs for p in job.result()])
+                with self._lock:
+                    self.encode_seconds += time.perf_counter() - start
+            return inputs
+
+        return self.pool.submit(assemble)
+
     def _submit_with_keys(self, rows):
+        if self.feature_cache is not None:
+            return self._submit_with_features(rows)
         cache = self.pixel_cache
         dtype = self.pixel_dtype
         sources, new = [], {}
@@ -193,12 +244,7 @@ class BatchEncoder:
             pixels = [p if isinstance(p, torch.Tensor) else p[0].result()[p[1]] for p in parts]
             inputs = self._merge([t.result() for t in texts])
             start = time.perf_counter()
-            if self.pin_memory:
-                shape = (sum(p.shape[0] for p in pixels), *pixels[0].shape[1:])
-                inputs["pixel_values"] = torch.cat(pixels, out=torch.empty(shape, dtype=pixels[0].dtype,
-                                                                            pin_memory=True))
-            else:
-                inputs["pixel_values"] = torch.cat(pixels)
+            inputs["pixel_values"] = self._pin(pixels)
             with self._lock:
                 self.encode_seconds += time.perf_counter() - start
             return inputs

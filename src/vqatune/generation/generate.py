@@ -78,14 +78,14 @@ def length_batches(order: list[int], lengths: list[int], batch_size: int,
     return batches
 
 
-def _static_graphs(model, inputs, max_new_tokens, stop, pad_token_id, timing):
+def _static_graphs(model, inputs, max_new_tokens, stop, pad_token_id, timing, share_prefix=False):
     """New tokens from ``graphs.greedy_static``, or None where it cannot run (the reason is kept
     in ``timing["graph_fallback"]``, and a failure on the device turns it off for the model)."""
     from .graphs import Unsupported, greedy_static
 
     try:
         return greedy_static(model, inputs, max_new_tokens=max_new_tokens, stop_ids=stop,
-                             pad_token_id=pad_token_id, stats=timing)
+                             pad_token_id=pad_token_id, stats=timing, share_prefix=share_prefix)
     except Unsupported as err:
         timing["graph_fallback"] = str(err)
     except Exception as err:  # a capture that fails must not stop an evaluation
@@ -102,7 +102,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
                      *, batch_size: int = 8, max_new_tokens: int = 25, progress: bool = False,
                      image_keys: Sequence[Hashable] | None = None, pixel_cache=None,
                      cache_implementation: str = "dynamic", stats: dict | None = None,
-                     bucket_tokens: int | None = None) -> list[str]:
+                     bucket_tokens: int | None = None, share_image_prefix: bool = False) -> list[str]:
     """Greedy answers, one per (messages, image), in input order.
 
     ``messages_list`` holds chat messages without the assistant turn (``prompts.build_messages``);
@@ -127,16 +127,24 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     text tokens longer than the batch's first, so rows of very different lengths are not padded
     to the longest (None: batches of ``batch_size`` along the length order).
 
+    ``share_image_prefix`` (with "static_graphs", ``image_keys`` and an image-feature cache on the
+    model): rows whose prompts agree up to their image, and show the same image, run that prefix
+    once (``graphs.shared_prefix_plan``); rows are then ordered by the prompt before the image and
+    the image, so a batch holds whole groups, and by length within them.
+
     ``stats``, when given, gets seconds added under ``encode_wait_s`` (waiting for inputs the
     CPU threads had not finished), ``transfer_s`` (inputs to the device), ``generate_s``
     (``model.generate``, synchronised on CUDA), ``decode_s``, ``total_s``, plus ``encode_thread_s``
     (the threads' encoding time, summed), ``rows``, ``batches``, ``decode_steps`` (tokens
     generated per batch, summed: fewer than ``max_new_tokens`` per batch where all rows ended
     early), ``padding_tokens`` (text-token padding over all batches) and, with ``image_keys``,
-    ``images_processed`` / ``images_reused``; with "static_graphs" ``graph_capture_s`` and
-    ``graph_batches``. Values add up over calls sharing one dict.
+    ``images_processed`` / ``images_reused``, and ``image_features_s`` (the vision tower on
+    unseen images, where the model has an image-feature cache); with "static_graphs"
+    ``prefill_s``, ``graph_capture_s`` and ``graph_batches``. Values add up over calls sharing one dict.
     """
     import torch
+
+    from ..vision.feature_cache import installed_feature_cache
 
     if len(messages_list) != len(images):
         raise ValueError(f"{len(messages_list)} message lists for {len(images)} images")
@@ -150,6 +158,13 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     # Text-token length is the sort key: every prompt carries the same number of image tokens.
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    # Keyed rows on a model with an image-feature cache: batches name their images and carry the
+    # pixels of unseen images only; no pixels of a known image are made, moved or hashed again.
+    features = installed_feature_cache(model) if image_keys is not None else None
+    share_image_prefix = share_image_prefix and features is not None and cache_implementation == "static_graphs"
+    if share_image_prefix:
+        boi = getattr(processor, "boi_token", None) or ""
+        order = sorted(range(len(texts)), key=lambda i: (texts[i].split(boi)[0], str(image_keys[i]), lengths[i]))
     answers: list[str] = [""] * len(texts)
     device, dtype = _input_device(model), _floating_dtype(model)
     stop = stop_token_ids(model, tokenizer)
@@ -158,6 +173,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
     sync = torch.cuda.synchronize if device.type == "cuda" and stats is not None else (lambda: None)
     timing = dict.fromkeys(("encode_wait_s", "transfer_s", "generate_s", "decode_s"), 0.0)
 
+    from ..vision.keys import is_image_keys
     from ..vision.pixel_cache import ImagePixelCache
     from .encoder import BatchEncoder
 
@@ -180,7 +196,7 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
                                    image_keys=image_keys,
                                    pixel_cache=pixel_cache if image_keys is not None else None,
                                    pixel_dtype=dtype if image_keys is not None else None,
-                                   pin_memory=device.type == "cuda")
+                                   pin_memory=device.type == "cuda", feature_cache=features)
         pending = encoder.submit(batches[0]) if batches else None
         for n, rows in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
             clock = time.perf_counter()
@@ -191,14 +207,24 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
             clock = time.perf_counter()
             # Pinned pixels (BatchEncoder, CUDA) copy asynchronously; the stream orders the copy
             # before generate's first kernel.
-            inputs = {k: (v.to(device, dtype, non_blocking=v.is_pinned()) if k == "pixel_values" and dtype is not None
+            new_keys, new_pixels = inputs.pop("new_image_keys", None), inputs.pop("new_pixel_values", None)
+            inputs = {k: (v.to(device, dtype, non_blocking=v.is_pinned())
+                          if k == "pixel_values" and dtype is not None and not is_image_keys(v)
                           else v.to(device)) for k, v in inputs.items()}
             sync()
             timing["transfer_s"] += time.perf_counter() - clock
+            if new_keys is not None:
+                # The vision tower on this batch's unseen images, into the cache the forward reads.
+                clock = time.perf_counter()
+                features.prefill([(new_keys, new_pixels.to(device, dtype, non_blocking=new_pixels.is_pinned()))],
+                                 device)
+                sync()
+                timing["image_features_s"] = timing.get("image_features_s", 0.0) + time.perf_counter() - clock
             clock = time.perf_counter()
             output = None
             if cache_implementation == "static_graphs" and not getattr(model, "_vqatune_graphs_failed", None):
-                output = _static_graphs(model, inputs, max_new_tokens, stop, tokenizer.pad_token_id, timing)
+                output = _static_graphs(model, inputs, max_new_tokens, stop, tokenizer.pad_token_id, timing,
+                                        share_prefix=share_image_prefix)
             if output is None:
                 with torch.inference_mode():
                     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

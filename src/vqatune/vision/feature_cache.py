@@ -208,13 +208,18 @@ class ImageFeatureCache:
             return BaseModelOutputWithPooling(pooler_output=self.features(pixel_values, compute))
 
         core.get_image_features = cached_get_image_features  # instance attribute shadows the method
+        core._vqatune_feature_cache = self  # installed_feature_cache finds it here
         self._core, self._uncached = core, compute
         return self
 
     def uninstall(self) -> None:
         if self._core is not None:
             del self._core.get_image_features
+            del self._core._vqatune_feature_cache
             self._core = self._uncached = None
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self.store
 
 
 def vision_cache_blocker(model, *, training: bool) -> str | None:
@@ -231,6 +236,15 @@ def vision_cache_blocker(model, *, training: bool) -> str | None:
             if trainable:
                 return f"the {tower_name} trains ({trainable[0]})"
     return None
+
+
+def installed_feature_cache(model) -> ImageFeatureCache | None:
+    """The ``ImageFeatureCache`` installed on ``model``, or None (none installed, or no vision tower)."""
+    try:
+        core = _multimodal_core(model)
+    except ValueError:
+        return None
+    return getattr(core, "_vqatune_feature_cache", None)
 
 
 def install_image_feature_cache(model, device: str | torch.device | None = "cpu", *,
