@@ -496,6 +496,7 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
     (without image keys: the parity check also compares the two encodings)."""
     from vqatune.evaluation.config import EvaluateConfig
     from vqatune.evaluation.run import compiles_norms, generation_levers, load_for_evaluation as load_tuned_model
+    from vqatune.evaluation.run import merges_adapter
     from vqatune.generation.generate import generate_answers
     from vqatune.models.compile import compile_norms
 
@@ -526,7 +527,9 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
            "peak_gib": DEV.peak_gib(),
            "vision_forwards": cache.misses if cache else None, "cache_hits": cache.hits if cache else None,
            "cache_implementation": cfg.cache_implementation, "warmup_s": run["warmup_s"],
-           "compiled_norms": compiled, "seconds_per_configuration": per_config, "without_compiled_norms": uncompiled,
+           "compiled_norms": compiled, "merged_adapter": merges_adapter(cfg),
+           "share_image_prefix": cfg.share_image_prefix,
+           "seconds_per_configuration": per_config, "without_compiled_norms": uncompiled,
            # seconds over the six configurations: waiting for CPU-encoded inputs, host->device,
            # model.generate (synchronised), decoding; images processed once vs rows reusing them
            "timing": timing, "pixel_cache_gib": pixel_cache.memory_bytes() / 2**30}
@@ -605,6 +608,8 @@ def timed_six_configurations(model, processor, test, messages, images, cfg, cach
                      max_new_tokens=2)
     DEV.sync()
     warmup_s = time.perf_counter() - t
+    if cache is not None:  # count the six configurations' vision forwards only
+        cache.hits = cache.misses = 0
     pixel_cache, timing = ImagePixelCache(), {}
     answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=test["img_id"],
                                              pixel_cache=pixel_cache, cache_implementation=cfg.cache_implementation,
@@ -961,7 +966,9 @@ def write_report(results: dict, out: Path):
         row("evaluate: guide (one at a time, nf4, eager, 25 new tokens)", ev["guide"], ge)
     row(f"evaluate: project (generate_answers, batch {ev['project']['batch']}, bf16, image cache, "
         + ("compiled norms, " if ev["project"].get("compiled_norms") else "")
-        + f"{ev['project'].get('cache_implementation', 'dynamic')} cache, six configurations)",
+        + f"{ev['project'].get('cache_implementation', 'dynamic')} cache, "
+        + ("adapter merged, " if ev["project"].get("merged_adapter") else "")
+        + ("image prefix shared, " if ev["project"].get("share_image_prefix") else "") + "six configurations)",
         ev["project"], ge)
     plain = ev["project"].get("without_compiled_norms")
     if plain:
@@ -985,8 +992,11 @@ def write_report(results: dict, out: Path):
     timing = ev["project"].get("timing") or {}
     if timing:
         lines += ["", "Where the project's generation time went (six configurations, seconds): "
-                  + ", ".join(f"{k} {timing[k]:.1f}" for k in ("encode_wait_s", "transfer_s", "generate_s",
+                  + ", ".join(f"{k} {timing[k]:.1f}" for k in ("encode_wait_s", "transfer_s", "image_features_s",
+                                                                 "generate_s", "prefill_s", "graph_capture_s",
                                                                  "decode_s", "total_s") if k in timing)
+                  + (f"; {timing['shared_prefix_rows']} rows in {timing['shared_prefix_groups']} shared image prefixes"
+                     if timing.get("shared_prefix_rows") else "")
                   + f"; images processed {timing.get('images_processed')}, reused {timing.get('images_reused')}"
                   + f"; tokens generated per batch {timing.get('decode_steps', 0) / max(timing.get('batches', 1), 1):.1f}."]
     best_t, best_e = results["train_examples_per_s_best"], results["eval_examples_per_s_best"]
