@@ -190,6 +190,25 @@ def test_base_model_loaded_once_and_adapter_switched(stage_run, tiny_model_dir, 
     assert [r["prediction"] for r in tuned] != expected
 
 
+def test_tuned_configurations_run_merged_and_answer_as_the_attached_adapter(stage_run, tiny_model_dir,
+                                                                           adapter_dir, processed_dir):
+    """evaluate.merge_adapter (null: on with an unquantized base): the tuned configurations run
+    after the base ones on the adapter merged into the weights, and answer what the attached
+    (unmerged) adapter answers."""
+    from datasets import load_from_disk
+
+    _, out, _ = stage_run
+    assert json.loads((out / "eval.json").read_text())["generation"]["merged_adapter"] is True
+    test = load_from_disk(str(processed_dir))["test"]
+    test = test.select(evaluation_rows(test, SUBSET, seed=3))
+    attached, processor = model_module.load_tuned_model(tiny_model_dir, adapter_dir, device="cpu")
+    assert not any(getattr(m, "merged", False) for m in attached.modules())
+    expected = generate_answers(attached, processor,
+                                [prompt_messages(m) for m in test["messages_none"]], list(test["image"]),
+                                batch_size=4, max_new_tokens=4)
+    assert [r["prediction"] for r in _predictions(out, "tuned_none")] == expected
+
+
 def test_majority_baseline_predicts_training_majority(stage_run, processed_dir):
     from collections import Counter
 
