@@ -482,7 +482,7 @@ TRAIN_LEVERS = {
 # generates): name -> EvaluateConfig changes.
 GENERATION_LEVERS = {
     "dynamic_cache": {"cache_implementation": "dynamic"},
-    "no_shared_prefix": {"share_image_prefix": False},
+    "shared_prefix": {"cache_implementation": "static_graphs", "share_image_prefix": True},
     "unmerged_adapter": {"merge_adapter": False},
     "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
 }

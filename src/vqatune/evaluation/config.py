@@ -52,8 +52,10 @@ class EvaluateConfig:
     cache_implementation: Literal["dynamic", "static", "static_graphs"] = "dynamic"
     # With static_graphs and the image-feature cache: rows that show the same image after the same
     # prompt text (modes none and static: every question of an image) run that prefix, ~260 of a
-    # MedGemma prompt's ~285 tokens, once (generation.graphs.shared_prefix_plan; same answers).
-    share_image_prefix: bool = True
+    # MedGemma prompt's ~285 tokens, once (generation.graphs.shared_prefix_plan; the answers equal
+    # generate's on CPU, tests/test_generation.py). Off until its speed and bf16 parity are
+    # measured on a GPU (gpu_bench --gen-levers shared_prefix).
+    share_image_prefix: bool = False
     # Length buckets: a generation batch also ends where a prompt is more than this many text
     # tokens longer than the batch's first (rows are sorted by length). null: batches of batch_size.
     bucket_tokens: Optional[int] = None
