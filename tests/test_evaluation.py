@@ -237,7 +237,8 @@ def test_bad_params_stop_with_the_key(raw, key):
 def test_shipped_params_are_valid():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     cfg = build(EvaluateConfig, params["evaluate"], "evaluate")
-    assert cfg.subset_size is None and cfg.max_new_tokens == 25
+    # Room for the longest reference: all nine cells, 38 tokens for the tiny tokenizer.
+    assert cfg.subset_size is None and cfg.max_new_tokens == 40
 
 
 def test_missing_adapter_is_one_line(tiny_model_dir, processed_dir, tmp_path, capsys):
