@@ -512,3 +512,53 @@ def test_run_key_follows_the_data_and_config_but_not_datasets_cache_files(tmp_pa
     assert changed_data != key
     (model / "model.safetensors").write_bytes(b"\0" * 101)
     assert run_key(cfg, model, data, None) != changed_data
+
+
+def test_fused_head_on_cpu_scores_only_answer_positions_with_the_same_result(tiny_model_dir, processed_dir,
+                                                                               monkeypatch):
+    """score_answer_positions_only_on_cpu: TRL's fused LM head then projects only the labelled
+    positions on the CPU (where it scored every one); log-probabilities, loss and gradients equal
+    the every-position result, and the head really sees fewer rows."""
+    import trl.trainer.utils as trl_utils
+    from datasets import load_from_disk
+    from trl.trainer.utils import add_fused_lm_head
+
+    from vqatune.models.loading import free_model, load_base_model, load_processor
+    from vqatune.training.collate import AnswerOnlyCollator
+    from vqatune.training.trainer import score_answer_positions_only_on_cpu
+
+    from trl.kernels.chunked_logprob import _use_triton as trls_own_choice
+
+    # TRL's own choice (an earlier LeanSFTTrainer may have patched it); restored after the test.
+    monkeypatch.setattr(trl_utils, "_use_triton", trls_own_choice)
+    model = load_base_model(tiny_model_dir, quantization="none", compute_dtype="float32", device="cpu")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    rows = load_from_disk(str(processed_dir))["train"].select(range(6))
+    batch = AnswerOnlyCollator(load_processor(tiny_model_dir), "mix")(list(rows))
+    seen = []
+    original_apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counting_apply(hidden, *args):
+        seen.append(hidden.shape[0])
+        return original_apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting_apply)
+
+    def step():
+        model.zero_grad()
+        out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        grad = model.model.language_model.layers[0].self_attn.q_proj.weight.grad.clone()
+        return out, grad
+
+    every, grad_every = step()
+    score_answer_positions_only_on_cpu()
+    compact, grad_compact = step()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert seen == [batch["input_ids"].numel() - len(batch["input_ids"]), labelled]
+    assert torch.allclose(every.loss, compact.loss, rtol=1e-6)
+    for field in ("log_probs", "entropy"):
+        assert torch.allclose(getattr(every, field), getattr(compact, field), atol=1e-5), field
+    assert torch.equal(every.is_top1, compact.is_top1)
+    assert torch.allclose(grad_every, grad_compact, atol=1e-6)
+    free_model(model)

@@ -120,7 +120,11 @@ def draw_landmark(draw, t: Thing, w, h, rng) -> None:
         pts = [(x - s + i * s // 3, y + (6 if i % 2 else -6)) for i in range(7)]
         draw.line(pts, fill=RGB["white"], width=lw)
     elif t.name == "pylorus":
-        draw.ellipse([x - s // 2, y - s // 2, x + s // 2, y + s // 2], outline=(60, 20, 20), width=lw)
+        # A pink ring (the colour its colour answer names) round a small dark opening. A dark ring
+        # (60, 20, 20) contradicted its answer "pink" and, at 96 px, looked like the lumen.
+        draw.ellipse([x - s // 2 - lw // 2, y - s // 2 - lw // 2, x + s // 2 + lw // 2, y + s // 2 + lw // 2],
+                     fill=RGB["pink"])
+        draw.ellipse([x - s // 4, y - s // 4, x + s // 4, y + s // 4], fill=(60, 20, 20))
     elif t.name == "cecum":
         for k in range(3):
             draw.arc([x - s + 2 * lw * k, y - s + 2 * lw * k, x + s - 2 * lw * k, y + s - 2 * lw * k],

@@ -37,10 +37,36 @@ from . import distributed
 from .config import TrainConfig
 
 
+def score_answer_positions_only_on_cpu() -> None:
+    """Make TRL's fused LM head score only the labelled (answer) positions on the CPU too.
+
+    TRL 1.16 projects only the positions with a label through the LM head where Triton runs
+    (CUDA, XPU); elsewhere it scores every position, so that compiled tiles keep one shape
+    (trl.trainer.utils.add_fused_lm_head: ``compact = _use_triton(...)``). Nothing is compiled
+    on our CPU path (train.compile: null is off on CPU), and a row has ~3 answer tokens in
+    ~130: the embedded run spent ~12% of each step on a [tokens x vocab] head and its backward
+    for positions whose loss is zero. The log-probabilities of the labelled positions are the
+    same either way (tests/test_training.py compares both). Only that decision is changed; the
+    kernels keep their own check.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    if getattr(original, "vqatune_compact_on_cpu", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.vqatune_compact_on_cpu = True
+    trl_utils._use_triton = compact
+
+
 class LeanSFTTrainer(SFTTrainer):
     """SFTTrainer whose per-micro-batch metrics cost no host or cross-process synchronisation."""
 
     def __init__(self, *args, **kwargs):
+        score_answer_positions_only_on_cpu()
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
 
