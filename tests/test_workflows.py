@@ -38,6 +38,7 @@ pytestmark = pytest.mark.workflow
 
 SMALL = {
     ("prepare", "synthetic_images"): 30,
+    ("prepare", "test_size"): 0.2,  # 6 test images, more rows than subset_size: a new seed draws new rows
     ("tune", "n_trials"): 2,
     ("train", "epochs"): 1,
     ("train", "eval_steps"): 5,
