@@ -562,3 +562,51 @@ def test_fused_head_on_cpu_scores_only_answer_positions_with_the_same_result(tin
     assert torch.equal(every.is_top1, compact.is_top1)
     assert torch.allclose(grad_every, grad_compact, atol=1e-6)
     free_model(model)
+
+
+def test_group_by_prompt_mode_batches_one_mode_and_pads_less(tiny_model_dir, processed_dir, tmp_path,
+                                                             monkeypatch):
+    """prompt_mode_lengths gives every row its mode's mean training length (the collator's tokens
+    less the image tokens every row has), one value per mode; train.group_by_prompt_mode then
+    trains batches of one mode, which carry far less padding than shuffled mixed batches."""
+    from datasets import load_from_disk
+
+    from vqatune.models.loading import load_processor
+    from vqatune.training import collate
+
+    processor = load_processor(tiny_model_dir)
+    train = load_from_disk(str(processed_dir))["train"].select(range(24))
+    lengths = collate.prompt_mode_lengths(processor, train, "mix", mix_seed=0)
+    batch = collate.AnswerOnlyCollator(processor, "mix", mix_seed=0)(list(train))
+    # The collator's rows differ from their text tokens only by the expanded image (the same for all).
+    modes = [collate.mixed_prompt_mode(row, 0) for row in train]
+    texts = [collate.prompt_text(processor, row[f"messages_{m}"]) + collate.answer_text(processor, row[f"messages_{m}"])
+             for row, m in zip(train, modes)]
+    text_tokens = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    image_expansion = {int(n) - t for n, t in zip(batch["attention_mask"].sum(dim=1), text_tokens)}
+    assert len(image_expansion) == 1 and image_expansion.pop() > processor.image_seq_length
+    for mode in set(modes):
+        own = [n for n, m in zip(text_tokens, modes) if m == mode]
+        assert {n for n, m in zip(lengths, modes) if m == mode} == {round(sum(own) / len(own))}, mode
+    assert len(set(lengths)) == len(set(modes)) == 3
+
+    seen = {}
+    real_call = collate.AnswerOnlyCollator.__call__
+
+    def recording_call(self, rows):
+        out = real_call(self, rows)
+        if len(rows) == 4:  # training batches (evaluation batches are 8 rows)
+            mask = out["attention_mask"]
+            seen[grouped]["padding"] += int(mask.numel() - mask.sum())
+            seen[grouped]["modes"].append({self.row_mode(r) for r in rows})
+        return out
+
+    monkeypatch.setattr(collate.AnswerOnlyCollator, "__call__", recording_call)
+    for grouped in (False, True):
+        seen[grouped] = {"padding": 0, "modes": []}
+        cfg = small_config(prompt_mode="mix", group_by_prompt_mode=grouped, max_steps=8, eval_steps=8, save_steps=8)
+        assert run_training(cfg, tiny_model_dir, processed_dir, None,
+                            checkpoint_dir=tmp_path / f"ck{grouped}").steps == 8
+    one_mode = sum(len(m) == 1 for m in seen[True]["modes"])
+    assert one_mode >= 6 > sum(len(m) == 1 for m in seen[False]["modes"]), seen
+    assert seen[True]["padding"] < seen[False]["padding"] / 2, seen

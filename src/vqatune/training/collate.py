@@ -63,6 +63,29 @@ def answer_text(processor, messages: list[dict]) -> str:
     return completion[: end + len(END_OF_TURN)]
 
 
+def prompt_mode_lengths(processor, rows, prompt_mode: str, mix_seed: int = 0) -> list[int]:
+    """For ``train.group_by_prompt_mode``: each row's "length" is the mean text tokens (templated
+    prompt + answer, as the collator trains it) of the rows of its prompt mode, one value per mode.
+
+    Why not each row's own length: sorted by it, a batch held one question type (the answer's
+    length names it), and the embedded run's held-out loss ended at 0.94 against 0.33 shuffled.
+    One value per mode sorts the modes apart and, the sort being stable, leaves the shuffled order
+    of the questions within a mode as it was."""
+    collator = AnswerOnlyCollator(processor, prompt_mode, mix_seed=mix_seed)
+    modes, texts = [], []
+    for row in rows:
+        mode = collator.row_mode(row)
+        messages = row[f"messages_{mode}"]
+        modes.append(mode)
+        texts.append(prompt_text(processor, messages) + answer_text(processor, messages))
+    tokens = [len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    totals: dict[str, list[int]] = {}
+    for mode, n in zip(modes, tokens):
+        totals.setdefault(mode, []).append(n)
+    means = {mode: round(sum(ns) / len(ns)) for mode, ns in totals.items()}
+    return [means[mode] for mode in modes]
+
+
 @dataclasses.dataclass
 class AnswerOnlyCollator:
     """Rows of ``data/processed`` -> model inputs with loss on answer + ``<end_of_turn>`` only.

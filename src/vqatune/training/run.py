@@ -162,6 +162,16 @@ def _load_splits(s: _Setup):
     return train_ds, eval_ds
 
 
+def with_mode_lengths(ds, processor, cfg: TrainConfig):
+    """``ds`` with the "length" column transformers' length-grouped sampler reads
+    (collate.prompt_mode_lengths) for train.group_by_prompt_mode."""
+    from .collate import prompt_mode_lengths
+
+    text_rows = ds.select_columns([c for c in ds.column_names
+                                   if c.startswith("messages_") or c in ("row_id", "img_id", "question")])
+    return ds.add_column("length", prompt_mode_lengths(processor, text_rows, cfg.prompt_mode, mix_seed=cfg.seed))
+
+
 def _run_dir(s: _Setup) -> tuple[Path, Optional[Path]]:
     """(this run's checkpoint folder, the checkpoint to resume from or None)."""
     run_dir = s.checkpoint_dir / run_key(s.cfg, s.model_dir, s.processed_dir, s.max_train_rows)
@@ -248,6 +258,8 @@ def _run(s: _Setup) -> TrainResult:
                                   image_keys=precompute, mix_seed=cfg.seed)
     step_train_ds, step_eval_ds = ((train_ds.remove_columns("image"), eval_ds.remove_columns("image"))
                                    if precompute else (train_ds, eval_ds))
+    if cfg.group_by_prompt_mode:  # transformers then groups the eval batches too: both need lengths
+        step_train_ds, step_eval_ds = (with_mode_lengths(ds, processor, cfg) for ds in (step_train_ds, step_eval_ds))
     all_callbacks = [*s.callbacks, freeze_gc_after_warmup()]
     if cfg.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))

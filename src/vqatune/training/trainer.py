@@ -161,6 +161,8 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         optim=cfg.optimizer,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        # Lengths from the "length" column training.run adds (collate.prompt_mode_lengths).
+        train_sampling_strategy="group_by_length" if cfg.group_by_prompt_mode else "random",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         eval_strategy="steps",
