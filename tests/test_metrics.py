@@ -113,6 +113,31 @@ def test_score_answers_and_means():
     assert by["colour"]["set_exact_match"] == 1.0
 
 
+@pytest.mark.parametrize("pairs_per_call", [16384, 4])
+def test_configurations_score_as_each_alone_with_one_bertscore_call_per_chunk(monkeypatch, pairs_per_call):
+    """score_configurations gives each configuration exactly score_answers' rows (BERTScore too,
+    sliced back to the right configuration and row) from one BERTScore call per chunk of pairs."""
+    from vqatune.evaluation import metrics
+
+    calls = []
+
+    def bertscore(preds, refs):  # a stand-in that tells pairs apart: a value per (pred, ref)
+        calls.append(len(preds))
+        return [len(p) * 100 + len(r) for p, r in zip(preds, refs)]
+
+    monkeypatch.setattr(metrics, "BERTSCORE_PAIRS_PER_CALL", pairs_per_call)
+    refs = ["yes", "pink; red", "lower-left", "2"]
+    answers = {"base_none": ["", "green", "upper-left; lower-left", "22"],
+               "tuned_none": ["yes", "red; pink", "lower-left", "2"],
+               "majority": ["no", "pink", "center", "1"]}
+    scored = metrics.score_configurations(answers, refs, bertscore)
+    assert list(scored) == list(answers)
+    for name, preds in answers.items():
+        assert scored[name] == score_answers(preds, refs, bertscore), name
+    assert calls[:-len(answers)] == ([12] if pairs_per_call > 12 else [4, 4, 4])
+    assert [r["bertscore_f1"] for r in metrics.score_configurations(answers, refs)["tuned_none"]] == [None] * 4
+
+
 # Majority baseline -----------------------------------------------------------------------
 
 def test_majority_answers_counts_sets_and_breaks_ties_alphabetically():

@@ -22,7 +22,7 @@ from ..prompts import PROMPT_MODES
 from ..provenance import peak_memory
 from .batching import resolve_batch_size
 from .config import ABLATION, MAJORITY, MODELS, EvaluateConfig, configuration_name
-from .metrics import majority_predictions, make_bertscore, mean_scores, mean_scores_by, score_answers
+from .metrics import exact_match, majority_predictions, make_bertscore, mean_scores, mean_scores_by, score_configurations
 
 log = logging.getLogger(__name__)
 
@@ -219,22 +219,13 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
         max_memory_gib=cfg.max_memory_gib)
 
     meta = test.select_columns(["img_id", "question", "category", "answer"]).to_list()
-    scores: dict = {m: {} for m in MODELS}
-    by_category: dict = {m: {} for m in MODELS}
-    predictions: dict[str, list[dict]] = {}
     total_seconds, total_examples = 0.0, 0
     timing: dict = {}
+    # Each configuration's answers and speed; all are scored together at the end (one BERTScore call).
+    generated: dict[tuple[str, str], tuple[list[str], dict]] = {}
 
-    def record(name: str, answers: list[str]) -> list[dict]:
-        per_row = score_answers(answers, references, bertscore)
-        predictions[name] = [
-            {"img_id": r["img_id"], "question": r["question"], "category": r["category"],
-             "reference": r["answer"], "prediction": a, "exact_match": s["exact_match"]}
-            for r, a, s in zip(meta, answers, per_row)]
-        return per_row
-
-    def run_configuration(name: str, messages, images_, keys, pixels, adapter) -> tuple[dict, dict]:
-        """Generate, time and score one configuration: (its scores, its scores by category)."""
+    def run_configuration(model_name: str, mode: str, messages, images_, keys, pixels, adapter) -> None:
+        """Generate and time one configuration."""
         nonlocal total_seconds, total_examples
         start = time.perf_counter()
         with adapter:
@@ -247,42 +238,48 @@ def _evaluate(base_dir, adapter_dir, data_dir, cfg: EvaluateConfig, trust_remote
         total_seconds += seconds
         total_examples += len(answers)
         peak, _ = peak_memory(device)
-        per_row = record(name, answers)
-        result = {**mean_scores(per_row), "examples_per_s": round(len(answers) / seconds, 3),
-                  "peak_memory_gib": round(peak, 3)}
-        log.info("%s: exact match %.3f, %.2f examples/s", name, result["exact_match"],
+        generated[(model_name, mode)] = (answers, {"examples_per_s": round(len(answers) / seconds, 3),
+                                                   "peak_memory_gib": round(peak, 3)})
+        log.info("%s: exact match %.3f, %.2f examples/s", configuration_name(model_name, mode),
+                 sum(exact_match(a, r) for a, r in zip(answers, references)) / len(answers),
                  len(answers) / seconds)
-        return result, mean_scores_by(per_row, categories)
 
     # Generation: the base configurations run the same weights with the adapter switched off,
     # then the tuned ones, with the adapter merged into the weights unless merge_adapter is false.
     messages = {mode: [prompt_messages(m) for m in test[f"messages_{mode}"]] for mode in PROMPT_MODES}
     for mode in PROMPT_MODES:
-        scores["base"][mode], by_category["base"][mode] = run_configuration(
-            configuration_name("base", mode), messages[mode], images, image_keys, pixel_cache,
-            model.disable_adapter())
+        run_configuration("base", mode, messages[mode], images, image_keys, pixel_cache, model.disable_adapter())
     if merges_adapter(cfg):
         start = time.perf_counter()
         merged_adapter(model)
         total_seconds += time.perf_counter() - start  # generation's cost too
     for mode in PROMPT_MODES:
-        scores["tuned"][mode], by_category["tuned"][mode] = run_configuration(
-            configuration_name("tuned", mode), messages[mode], images, image_keys, pixel_cache,
-            contextlib.nullcontext())
+        run_configuration("tuned", mode, messages[mode], images, image_keys, pixel_cache, contextlib.nullcontext())
     # The image ablation: the tuned model again (mode none) on blank images of the same sizes.
     # What it loses against tuned/none is what the adapter reads from the pixels.
     blank = BlankImages(images)
-    ablation, ablation_by_category = run_configuration(
-        configuration_name(ABLATION, "none"), messages["none"], blank, blank.keys(), ImagePixelCache(),
-        contextlib.nullcontext())
-    scores[ABLATION], by_category[ABLATION] = {"none": ablation}, {"none": ablation_by_category}
-
+    run_configuration(ABLATION, "none", messages["none"], blank, blank.keys(), ImagePixelCache(),
+                      contextlib.nullcontext())
     # The majority-answer baseline, scored the same way
-    answers, unseen = majority_predictions(splits["train"]["question"], splits["train"]["answer"],
-                                           questions)
-    per_row = record(MAJORITY, answers)
-    scores[MAJORITY] = {**mean_scores(per_row), "unseen_questions": unseen}
-    by_category[MAJORITY] = mean_scores_by(per_row, categories)
+    majority, unseen = majority_predictions(splits["train"]["question"], splits["train"]["answer"], questions)
+
+    # Scores
+    names = {key: configuration_name(*key) for key in generated}
+    answers_by_name = {**{names[key]: answers for key, (answers, _) in generated.items()}, MAJORITY: majority}
+    per_row = score_configurations(answers_by_name, references, bertscore)
+    scores: dict = {m: {} for m in MODELS}
+    by_category: dict = {m: {} for m in MODELS}
+    for (model_name, mode), (_, speed) in generated.items():
+        rows = per_row[names[(model_name, mode)]]
+        scores.setdefault(model_name, {})[mode] = {**mean_scores(rows), **speed}
+        by_category.setdefault(model_name, {})[mode] = mean_scores_by(rows, categories)
+    scores[MAJORITY] = {**mean_scores(per_row[MAJORITY]), "unseen_questions": unseen}
+    by_category[MAJORITY] = mean_scores_by(per_row[MAJORITY], categories)
+    predictions = {
+        name: [{"img_id": r["img_id"], "question": r["question"], "category": r["category"],
+                "reference": r["answer"], "prediction": a, "exact_match": row["exact_match"]}
+               for r, a, row in zip(meta, answers_by_name[name], rows)]
+        for name, rows in per_row.items()}
 
     peak, measure = peak_memory(device)
     scores["generation"] = {
