@@ -64,8 +64,9 @@ def answer_text(processor, messages: list[dict]) -> str:
 
 
 def prompt_mode_lengths(processor, rows, prompt_mode: str, mix_seed: int = 0) -> list[int]:
-    """For ``train.group_by_prompt_mode``: each row's "length" is the mean text tokens (templated
-    prompt + answer, as the collator trains it) of the rows of its prompt mode, one value per mode.
+    """For ``train.group_by_prompt_mode`` (trainer.PromptModeSampler): each row's "length" is the
+    mean text tokens (templated prompt + answer, as the collator trains it) of the rows of its
+    prompt mode, one value per mode.
 
     Why not each row's own length: sorted by it, a batch held one question type (the answer's
     length names it), and the embedded run's held-out loss ended at 0.94 against 0.33 shuffled.

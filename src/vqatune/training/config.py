@@ -75,8 +75,9 @@ class TrainConfig:
     padding_side: Literal["left", "right"] = "right"
     # Longest sequence; longer answers are cut (prompts never: Gemma 3 needs every image token).
     max_length: Optional[int] = None
-    # Batches of one prompt mode (transformers' length-grouped sampler on each mode's mean length:
-    # shuffled, then the modes sorted apart within groups of 50 batches). With prompt_mode mix a
+    # Batches of one prompt mode (transformers' length grouping on each mode's mean length:
+    # shuffled, then the modes sorted apart within groups of 50 batches; seeded per epoch, so a
+    # resumed run trains the same batches: trainer.PromptModeSampler). With prompt_mode mix a
     # shuffled batch holds all three modes and is padded to its adaptive rows (~180 tokens of the
     # tiny model against ~60 with no system prompt). Only mix has anything to group.
     group_by_prompt_mode: bool = False

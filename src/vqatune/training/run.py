@@ -258,8 +258,8 @@ def _run(s: _Setup) -> TrainResult:
                                   image_keys=precompute, mix_seed=cfg.seed)
     step_train_ds, step_eval_ds = ((train_ds.remove_columns("image"), eval_ds.remove_columns("image"))
                                    if precompute else (train_ds, eval_ds))
-    if cfg.group_by_prompt_mode:  # transformers then groups the eval batches too: both need lengths
-        step_train_ds, step_eval_ds = (with_mode_lengths(ds, processor, cfg) for ds in (step_train_ds, step_eval_ds))
+    if cfg.group_by_prompt_mode:  # read by trainer.PromptModeSampler
+        step_train_ds = with_mode_lengths(step_train_ds, processor, cfg)
     all_callbacks = [*s.callbacks, freeze_gc_after_warmup()]
     if cfg.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))

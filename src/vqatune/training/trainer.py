@@ -62,6 +62,33 @@ def score_answer_positions_only_on_cpu() -> None:
     trl_utils._use_triton = compact
 
 
+class PromptModeSampler(torch.utils.data.Sampler):
+    """``train.group_by_prompt_mode``'s order: transformers' length grouping
+    (``get_length_grouped_indices``: shuffle, then sort groups of 50 batches by the "length"
+    column, here one value per prompt mode) from a generator seeded with ``seed + epoch``.
+
+    Why not transformers' ``LengthGroupedSampler``: it shuffles with the global RNG at the start
+    of each epoch, and a run resumed mid-epoch reaches that point in another RNG state, so its
+    batches (and adapter) differed from the uninterrupted run's. Here every epoch's order follows
+    from the seed and the epoch, which the trainer sets (``set_epoch``) on a fresh and a resumed
+    run alike."""
+
+    def __init__(self, batch_size: int, lengths, seed: int):
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, list(lengths), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class LeanSFTTrainer(SFTTrainer):
     """SFTTrainer whose per-micro-batch metrics cost no host or cross-process synchronisation."""
 
@@ -69,6 +96,20 @@ class LeanSFTTrainer(SFTTrainer):
         score_answer_positions_only_on_cpu()
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return PromptModeSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                 dataset["length"], self.args.data_seed if self.args.data_seed is not None
+                                 else self.args.seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # The eval loss is a mean over all rows: no grouping, and no draw from the global RNG.
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        return torch.utils.data.SequentialSampler(eval_dataset)
 
     def _save_checkpoint(self, model, trial):
         if fault_armed("checkpoint-write", self.state.global_step):
