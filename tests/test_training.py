@@ -602,6 +602,7 @@ def test_group_by_prompt_mode_batches_one_mode_and_pads_less(tiny_model_dir, pro
         return out
 
     monkeypatch.setattr(collate.AnswerOnlyCollator, "__call__", recording_call)
+    files_before = sorted(Path(processed_dir).rglob("*"))
     for grouped in (False, True):
         seen[grouped] = {"padding": 0, "modes": []}
         cfg = small_config(prompt_mode="mix", group_by_prompt_mode=grouped, max_steps=8, eval_steps=8, save_steps=8)
@@ -610,3 +611,5 @@ def test_group_by_prompt_mode_batches_one_mode_and_pads_less(tiny_model_dir, pro
     one_mode = sum(len(m) == 1 for m in seen[True]["modes"])
     assert one_mode >= 6 > sum(len(m) == 1 for m in seen[False]["modes"]), seen
     assert seen[True]["padding"] < seen[False]["padding"] / 2, seen
+    # Nothing written into the prepared data (a DVC dependency of the later stages).
+    assert sorted(Path(processed_dir).rglob("*")) == files_before

@@ -162,14 +162,14 @@ def _load_splits(s: _Setup):
     return train_ds, eval_ds
 
 
-def with_mode_lengths(ds, processor, cfg: TrainConfig):
-    """``ds`` with the "length" column transformers' length-grouped sampler reads
-    (collate.prompt_mode_lengths) for train.group_by_prompt_mode."""
+def mode_lengths(ds, processor, cfg: TrainConfig) -> list[int]:
+    """Each row's prompt mode's mean length (collate.prompt_mode_lengths) for
+    train.group_by_prompt_mode (trainer.PromptModeSampler)."""
     from .collate import prompt_mode_lengths
 
     text_rows = ds.select_columns([c for c in ds.column_names
                                    if c.startswith("messages_") or c in ("row_id", "img_id", "question")])
-    return ds.add_column("length", prompt_mode_lengths(processor, text_rows, cfg.prompt_mode, mix_seed=cfg.seed))
+    return prompt_mode_lengths(processor, text_rows, cfg.prompt_mode, mix_seed=cfg.seed)
 
 
 def _run_dir(s: _Setup) -> tuple[Path, Optional[Path]]:
@@ -258,8 +258,9 @@ def _run(s: _Setup) -> TrainResult:
                                   image_keys=precompute, mix_seed=cfg.seed)
     step_train_ds, step_eval_ds = ((train_ds.remove_columns("image"), eval_ds.remove_columns("image"))
                                    if precompute else (train_ds, eval_ds))
-    if cfg.group_by_prompt_mode:  # read by trainer.PromptModeSampler
-        step_train_ds = with_mode_lengths(step_train_ds, processor, cfg)
+    # Passed to the trainer, not added as a column: add_column flattens the split's index mapping
+    # into a cache file inside data/processed, a dependency of the later stages.
+    lengths = mode_lengths(step_train_ds, processor, cfg) if cfg.group_by_prompt_mode else None
     all_callbacks = [*s.callbacks, freeze_gc_after_warmup()]
     if cfg.early_stopping_patience:
         all_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
@@ -272,6 +273,7 @@ def _run(s: _Setup) -> TrainResult:
         data_collator=collator,
         processing_class=processor,
         callbacks=all_callbacks,
+        prompt_mode_lengths=lengths,
     )
     if s.compute_dtype == "float32":
         # TRL casts the adapters of a quantized model to bf16 (the QLoRA paper's GPU choice); with

@@ -64,8 +64,8 @@ def score_answer_positions_only_on_cpu() -> None:
 
 class PromptModeSampler(torch.utils.data.Sampler):
     """``train.group_by_prompt_mode``'s order: transformers' length grouping
-    (``get_length_grouped_indices``: shuffle, then sort groups of 50 batches by the "length"
-    column, here one value per prompt mode) from a generator seeded with ``seed + epoch``.
+    (``get_length_grouped_indices``: shuffle, then sort groups of 50 batches by length, here one
+    value per prompt mode) from a generator seeded with ``seed + epoch``.
 
     Why not transformers' ``LengthGroupedSampler``: it shuffles with the global RNG at the start
     of each epoch, and a run resumed mid-epoch reaches that point in another RNG state, so its
@@ -92,8 +92,10 @@ class PromptModeSampler(torch.utils.data.Sampler):
 class LeanSFTTrainer(SFTTrainer):
     """SFTTrainer whose per-micro-batch metrics cost no host or cross-process synchronisation."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, prompt_mode_lengths=None, **kwargs):
         score_answer_positions_only_on_cpu()
+        # train.group_by_prompt_mode: each train row's mode length (collate.prompt_mode_lengths)
+        self._prompt_mode_lengths = prompt_mode_lengths
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
 
@@ -101,8 +103,11 @@ class LeanSFTTrainer(SFTTrainer):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self._prompt_mode_lengths is None or len(self._prompt_mode_lengths) != len(dataset):
+            raise ValueError("train.group_by_prompt_mode needs one prompt-mode length per train row "
+                             "(LeanSFTTrainer(prompt_mode_lengths=...))")
         return PromptModeSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                 dataset["length"], self.args.data_seed if self.args.data_seed is not None
+                                 self._prompt_mode_lengths, self.args.data_seed if self.args.data_seed is not None
                                  else self.args.seed)
 
     def _get_eval_sampler(self, eval_dataset):
@@ -202,7 +207,7 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         optim=cfg.optimizer,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # Lengths from the "length" column training.run adds (collate.prompt_mode_lengths).
+        # Lengths from LeanSFTTrainer(prompt_mode_lengths=...) (collate.prompt_mode_lengths).
         train_sampling_strategy="group_by_length" if cfg.group_by_prompt_mode else "random",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
