@@ -94,27 +94,21 @@ class LeanSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, prompt_mode_lengths=None, **kwargs):
         score_answer_positions_only_on_cpu()
-        # train.group_by_prompt_mode: each train row's mode length (collate.prompt_mode_lengths)
+        # train.group_by_prompt_mode: each train row's mode length (collate.prompt_mode_lengths);
+        # given, the train batches come from PromptModeSampler
         self._prompt_mode_lengths = prompt_mode_lengths
         super().__init__(*args, **kwargs)
         self._metric_sums: dict[str, torch.Tensor] = {}
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.args.train_sampling_strategy != "group_by_length":
+        if self._prompt_mode_lengths is None:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self._prompt_mode_lengths is None or len(self._prompt_mode_lengths) != len(dataset):
-            raise ValueError("train.group_by_prompt_mode needs one prompt-mode length per train row "
-                             "(LeanSFTTrainer(prompt_mode_lengths=...))")
+        if len(self._prompt_mode_lengths) != len(dataset):
+            raise ValueError(f"{len(self._prompt_mode_lengths)} prompt-mode lengths for {len(dataset)} train rows")
         return PromptModeSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                  self._prompt_mode_lengths, self.args.data_seed if self.args.data_seed is not None
                                  else self.args.seed)
-
-    def _get_eval_sampler(self, eval_dataset):
-        # The eval loss is a mean over all rows: no grouping, and no draw from the global RNG.
-        if self.args.train_sampling_strategy != "group_by_length":
-            return super()._get_eval_sampler(eval_dataset)
-        return torch.utils.data.SequentialSampler(eval_dataset)
 
     def _save_checkpoint(self, model, trial):
         if fault_armed("checkpoint-write", self.state.global_step):
@@ -207,8 +201,6 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, precision: str, eval_on_st
         optim=cfg.optimizer,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # Lengths from LeanSFTTrainer(prompt_mode_lengths=...) (collate.prompt_mode_lengths).
-        train_sampling_strategy="group_by_length" if cfg.group_by_prompt_mode else "random",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         eval_strategy="steps",
