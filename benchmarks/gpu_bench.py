@@ -485,6 +485,7 @@ GENERATION_LEVERS = {
     "shared_prefix": {"cache_implementation": "static_graphs", "share_image_prefix": True},
     "unmerged_adapter": {"merge_adapter": False},
     "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
+    "grouped_attention": {"grouped_attention": True},
 }
 
 
@@ -539,7 +540,8 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
     for label in levers:
         lever_cfg = dataclasses.replace(cfg, **GENERATION_LEVERS[label])
         try:
-            lever = timed_six_configurations(model, processor, test, messages, images, lever_cfg, cache)
+            with lever_attention(model, lever_cfg):
+                lever = timed_six_configurations(model, processor, test, messages, images, lever_cfg, cache)
         except Exception as err:  # a lever that fails is reported, not fatal to the benchmark
             log.exception("generation lever %s failed", label)
             gen.setdefault("levers", {})[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
@@ -589,6 +591,23 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
     gen["mean_prompt_text_tokens"] = prompt_tokens
     free(model)
     return gen, parity
+
+
+@contextlib.contextmanager
+def lever_attention(model, cfg):
+    """``evaluate.grouped_attention`` switched on for one lever's run (the stage switches it on
+    at load time, ``generation_levers``), and back to ``sdpa`` after it."""
+    if not cfg.grouped_attention:
+        yield
+        return
+    from vqatune.generation.attention import use_grouped_attention
+
+    switched = use_grouped_attention(model)
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation("sdpa")
 
 
 def timed_six_configurations(model, processor, test, messages, images, cfg, cache) -> dict:

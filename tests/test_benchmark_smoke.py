@@ -80,6 +80,21 @@ def test_profile_generation_times_the_evaluate_path_and_its_levers(tmp_path):
     assert "aten::" in gen["profile"]["top_cpu"] and gen["profile"]["wall_s"] > 0
 
 
+def test_profile_eval_paths_times_each_attention_variant_with_its_parity(tmp_path):
+    """benchmarks/profile_eval_paths.py: prefill and full generation per prompt mode for sdpa,
+    grouped attention and compiled MLPs, the later variants' answers against sdpa's, and a
+    profiler table per variant (tiny model, CPU)."""
+    _run("profile_eval_paths.py", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
+    res = json.loads((tmp_path / "out" / "profile_eval_paths.json").read_text())
+    assert list(res["variants"]) == ["sdpa", "sdpa_grouped", "grouped_mlp_compiled"]
+    for name, variant in res["variants"].items():
+        for mode in ("none", "static", "adaptive"):
+            assert variant[mode]["full_s"] > 0 and variant[mode]["decode_steps"] >= 1
+            if name != "sdpa":  # exact on CPU in fp32: the same answers as sdpa
+                assert variant[mode]["answers_equal_first_variant"] == 1.0
+        assert "aten::" in variant["profile_prefill"]["top_device"]
+
+
 def test_collate_compares_pixels_and_image_keys_on_the_same_rows(tmp_path):
     """gpu_bench.py --collate: the processor on every image vs image keys, on the tiny processor."""
     import gpu_bench

@@ -304,3 +304,45 @@ def test_a_batch_stops_once_every_row_has_ended(tiny):
             assert answers == [""] * 4 and stats["decode_steps"] <= most, (cache, stats)
     finally:
         model.generation_config = saved
+
+
+def test_grouped_attention_is_sdpa_without_the_kv_copies(tiny):
+    """evaluate.grouped_attention: the query heads that share a KV head attend as one stacked
+    call. On padded rows, a per-head mask and a one-token decoding step it gives sdpa's output
+    (the same arithmetic per query row), and the static-graph loop's answers do not change."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vqatune.generation.attention import NAME, grouped_sdpa_attention, use_grouped_attention
+
+    class Module:
+        num_key_value_groups = 2
+        is_causal = True
+
+    torch.manual_seed(0)
+    b, kv, groups, d = 3, 2, 2, 16
+    for q_len, k_len, heads_in_mask in ((7, 7, 1), (1, 12, 1), (5, 9, kv * groups)):
+        query = torch.randn(b, kv * groups, q_len, d)
+        key, value = torch.randn(b, kv, k_len, d), torch.randn(b, kv, k_len, d)
+        mask = torch.rand(b, heads_in_mask, q_len, k_len) > 0.3
+        mask[..., 0] = True  # every row attends somewhere
+        want, _ = sdpa_attention_forward(Module(), query, key, value, mask, scaling=0.25)
+        got, _ = grouped_sdpa_attention(Module(), query, key, value, mask, scaling=0.25)
+        assert got.shape == want.shape == (b, q_len, kv * groups, d)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # A mix-up of heads would not pass: swap two query heads of one group and it differs.
+        swapped = query[:, [1, 0, 2, 3]]
+        wrong, _ = grouped_sdpa_attention(Module(), swapped, key, value, mask, scaling=0.25)
+        assert not torch.allclose(wrong, want, atol=1e-3)
+
+    model, processor = tiny
+    messages, images = _short_inputs(6)
+    before = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6,
+                              cache_implementation="static_graphs")
+    try:
+        assert use_grouped_attention(model) and model.config._attn_implementation == NAME
+        stats = {}
+        after = generate_answers(model, processor, messages, images, batch_size=4, max_new_tokens=6,
+                                 cache_implementation="static_graphs", stats=stats)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert after == before and "graph_fallback" not in stats

@@ -37,6 +37,9 @@ class EvaluateConfig:
     quantization: Literal["none", "4bit", "8bit"] = "none"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # With sdpa: grouped-query attention without copying each KV head per query head
+    # (vqatune.generation.attention); the same attention, less memory traffic per decoding step.
+    grouped_attention: bool = False
     # Each test image's vision features once for all its questions and all six configurations
     # (~5.5 TFLOP per 896 px image on MedGemma); off automatically when the adapter reaches the
     # vision tower or projector (base and tuned features would differ). vqatune.vision.feature_cache.

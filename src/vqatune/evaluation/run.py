@@ -123,6 +123,11 @@ def generation_levers(model, cfg: EvaluateConfig):
                                               device=None if on_device else "cpu")
     if compiles_norms(model, cfg):
         log.info("torch.compile: %d RMSNorm modules (the first batch compiles)", compile_norms(model))
+    if cfg.grouped_attention:
+        from ..generation.attention import use_grouped_attention
+
+        if use_grouped_attention(model):
+            log.info("attention: grouped-query heads without KV copies (sdpa_grouped)")
     return cache
 
 

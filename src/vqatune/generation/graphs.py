@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from .attention import NAME as GROUPED
+
 
 class Unsupported(RuntimeError):
     """The static-graph loop cannot run this model or batch; use ``model.generate``."""
@@ -38,7 +40,7 @@ def _text_config(model):
 def check_supported(model, max_len: int) -> None:
     text = _text_config(model)
     attn = getattr(text, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
-    if attn != "sdpa":
+    if attn not in ("sdpa", GROUPED):
         raise Unsupported(f"attention {attn!r} (the loop builds sdpa's boolean masks)")
     window = getattr(text, "sliding_window", None)
     if window is not None and "sliding_attention" in (getattr(text, "layer_types", None) or []) and max_len > window:
