@@ -264,3 +264,21 @@ def test_benchmark_levers_and_unsloth_row_without_the_guide(tmp_path):
     assert results["train_examples_per_s"] > 0 and results["eval_examples_per_s_best"]["examples_per_s"] > 0
     table = (tmp_path / "out" / "gpu_bench.md").read_text()
     assert "static_graphs" in table and "Unsloth" in table and "Loss parity: not run" in table
+
+
+def test_vision_probe_scores_every_answer_against_its_majority(tmp_path, tiny_model_dir):
+    """benchmarks/vision_probe.py on a few scenes: both probes for each answer, the majority share
+    beside them, in [0, 1], and the table written."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(BENCH / "vision_probe.py"), "--model", str(tiny_model_dir),
+                    "--out", str(tmp_path), "--scenes", "60"], check=True, env=env, timeout=600)
+    res = json.loads((tmp_path / "vision_probe.json").read_text())
+    assert set(res["probes"]) == {"polyp count", "largest polyp size class (0 = none)", "instrument count",
+                                  "landmark cell (0 = none)", "source"}
+    for row in res["probes"].values():
+        assert 0 < row["majority"] <= 1
+        assert 0 <= row["base"]["linear"] <= 1 and 0 <= row["base"]["tokens"] <= 1
+    assert "| polyp count |" in (tmp_path / "vision_probe.md").read_text()
