@@ -247,6 +247,7 @@ def test_prompt_messages_drop_the_answer_turn():
     ({"quantization": "2bit"}, "evaluate.quantization"),
     ({"max_new_token": 25}, "evaluate.max_new_token"),
     ({"cache_implementation": "hybrid"}, "evaluate.cache_implementation"),
+    ({"grouped_attention": True, "attn_implementation": "eager"}, "evaluate.grouped_attention"),
 ])
 def test_bad_params_stop_with_the_key(raw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

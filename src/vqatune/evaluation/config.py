@@ -100,5 +100,7 @@ class EvaluateConfig:
                 f"can't merge into {self.quantization} weights (the update would be rounded away): "
                 "set quantization: none, or merge_adapter: null")
         require(self.bertscore_batch_size >= 1, f"{p}.bertscore_batch_size", "must be at least 1")
+        require(not (self.grouped_attention and self.attn_implementation != "sdpa"), f"{p}.grouped_attention",
+                "works on sdpa attention only: set attn_implementation: sdpa, or grouped_attention: false")
         require(self.bucket_tokens is None or self.bucket_tokens >= 0, f"{p}.bucket_tokens",
                 "must be null or a number of tokens >= 0")

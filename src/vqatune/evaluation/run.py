@@ -111,7 +111,8 @@ def load_for_evaluation(base_dir: str | Path, adapter_dir: str | Path, cfg: Eval
 
 def generation_levers(model, cfg: EvaluateConfig):
     """What the evaluate stage (and the GPU benchmark) switch on before generating: the image
-    feature cache and, on CUDA by default, compiled RMSNorms. Returns the feature cache or None."""
+    feature cache, on CUDA by default compiled RMSNorms, and grouped attention where
+    ``evaluate.grouped_attention`` asks for it. Returns the feature cache or None."""
     from ..models.compile import compile_norms
     from ..vision.feature_cache import maybe_install_image_feature_cache
 
