@@ -27,56 +27,53 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ANSWERS = {
-    "polyp count": lambda polyps, instruments, landmarks, src: len(polyps),
-    "largest polyp size class (0 = none)": lambda polyps, instruments, landmarks, src: 1 + max(
-        [SIZES.index(t.size) for t in polyps], default=-1),
-    "instrument count": lambda polyps, instruments, landmarks, src: len(instruments),
-    "landmark cell (0 = none)": lambda polyps, instruments, landmarks, src: (
-        1 + GRID.index(landmarks[0].cell) if landmarks else 0),
-    "source": lambda polyps, instruments, landmarks, src: SOURCES.index(src),
-}
 SOURCES = ["Polyps", "Instrument", "Ulcerative Colitis", "Esophagitis"]  # the images with QA beyond "no"
-SIZES: list = []
-GRID: list = []
+
+
+def labels_of(things, source: str) -> dict[str, int]:
+    """The probed answers of one drawn scene, as class numbers."""
+    from vqatune.data.kvasir import GRID_CELLS
+    from vqatune.data.synthetic import SIZE_RADIUS
+
+    polyps = [t for t in things if t.kind == "polyp"]
+    landmarks = [t for t in things if t.kind == "landmark"]
+    return {
+        "polyp count": len(polyps),
+        "largest polyp size class (0 = none)": max((1 + list(SIZE_RADIUS).index(t.size) for t in polyps), default=0),
+        "instrument count": sum(t.kind == "instrument" for t in things),
+        "landmark cell (0 = none)": 1 + GRID_CELLS.index(landmarks[0].cell) if landmarks else 0,
+        "source": SOURCES.index(source),
+    }
 
 
 def scenes(n: int, seed: int):
     """``n`` scenes of the non-Normal sources (equal shares) and their labels."""
-    from vqatune.data import kvasir as K
-    from vqatune.data import synthetic as S
+    from vqatune.data.synthetic import make_scene
 
-    SIZES[:] = list(S.SIZE_RADIUS)
-    GRID[:] = list(K.GRID_CELLS)
     rng = random.Random(seed)
-    images, labels = [], {name: [] for name in ANSWERS}
+    images, rows = [], []
     for _ in range(n):
-        src = rng.choice(SOURCES)
-        img, things, _ = S.make_scene(src, rng)
-        kinds = {k: [t for t in things if t.kind == k] for k in ("polyp", "instrument", "landmark")}
-        for name, fn in ANSWERS.items():
-            labels[name].append(fn(kinds["polyp"], kinds["instrument"], kinds["landmark"], src))
+        source = rng.choice(SOURCES)
+        img, things, _ = make_scene(source, rng)
         images.append(img.convert("RGB"))
-    return images, {k: np.array(v) for k, v in labels.items()}
+        rows.append(labels_of(things, source))
+    return images, {name: np.array([row[name] for row in rows]) for name in rows[0]}
 
 
 def image_tokens(model_dir: str, adapter_dir: str | None, images) -> torch.Tensor:
-    """[n, tokens, hidden]: the projector's output, what replaces the image placeholders."""
-    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+    """[n, tokens, hidden]: the projector's output (``get_image_features``), what replaces the
+    image placeholders; the model loaded as evaluation loads it."""
+    from vqatune.models.loading import load_base_model, load_processor, load_tuned_model
 
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.eval()
+        model, processor = load_tuned_model(model_dir, adapter_dir, device="cpu")
+    else:
+        model, processor = load_base_model(model_dir, device="cpu").eval(), load_processor(model_dir)
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 100):
             pixels = processor.image_processor(images[i:i + 100], return_tensors="pt")["pixel_values"]
-            tower = model.model.vision_tower(pixel_values=pixels).last_hidden_state
-            out.append(model.model.multi_modal_projector(tower))
+            out.append(model.get_image_features(pixel_values=pixels.to(model.dtype)).pooler_output)
     return torch.cat(out).float()
 
 
