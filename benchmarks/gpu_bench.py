@@ -785,21 +785,10 @@ def profile_generation(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     results["prefill_s_per_batch"] = runs["tuned_prefill_only"]["generate_s_per_batch"]
 
     # Profile one batch of the tuned model.
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
     n = min(batch, rows)
-    DEV.sync()
-    with torch.profiler.profile(activities=acts) as prof:
-        t = time.perf_counter()
-        generate_answers(model, processor, msgs[:n], [images[i] for i in range(n)], batch_size=n,
-                         max_new_tokens=8, image_keys=keys[:n], pixel_cache=pixel_cache)
-        DEV.sync()
-        wall = time.perf_counter() - t
-    averages = prof.key_averages()
-    device_key = "self_cuda_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
-    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages) / 1e6 if DEV.type == "cuda" else None
-    results["profile"] = {"wall_s": round(wall, 3), "device_busy_s": busy,
-                          "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=30),
-                          "top_device": averages.table(sort_by=device_key, row_limit=30)}
+    results["profile"] = profiled(lambda: generate_answers(
+        model, processor, msgs[:n], [images[i] for i in range(n)], batch_size=n, max_new_tokens=8,
+        image_keys=keys[:n], pixel_cache=pixel_cache))
     save()
     log.info("profile of one batch\n%s\n%s", results["profile"]["top_cpu"], results["profile"]["top_device"])
 
@@ -813,6 +802,24 @@ def profile_generation(work: Path, out: Path, scale: Scale, tiny: bool) -> dict:
     save()
     free(model)
     return results
+
+
+def profiled(fn, rows: int = 30) -> dict:
+    """``fn()`` under ``torch.profiler`` (CPU, and CUDA on a GPU), synchronised: its wall time,
+    the device's busy seconds (None on CPU) and the top operators by CPU and by device time."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    DEV.sync()
+    with torch.profiler.profile(activities=acts) as prof:
+        t = time.perf_counter()
+        fn()
+        DEV.sync()
+        wall = time.perf_counter() - t
+    averages = prof.key_averages()
+    device_key = "self_cuda_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages) / 1e6 if DEV.type == "cuda" else None
+    return {"wall_s": round(wall, 3), "device_busy_s": busy,
+            "top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+            "top_device": averages.table(sort_by=device_key, row_limit=rows)}
 
 
 # --------------------------------------------------------------------------- --collate

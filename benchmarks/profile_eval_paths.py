@@ -82,10 +82,10 @@ def run(work, out, scale, tiny, variants):
         if variant == "sdpa_grouped":
             use_grouped_attention(model)
         elif variant == "grouped_mlp_compiled":  # on top of sdpa_grouped: GeLU x up fused in one kernel
-            from vqatune.models.compile import _compile_modules
+            from vqatune.models.compile import compile_layers
 
             use_grouped_attention(model)
-            res.setdefault("compiled_mlps", _compile_modules(model, ("TextMLP", "Gemma3MLP"), True))
+            res.setdefault("compiled_mlps", compile_layers(model, towers=("Gemma3MLP",)))
         entry = res["variants"].setdefault(variant, {})
         gen("none", 2, {})  # the variant's first call
         for mode in PROMPT_MODES:
@@ -105,15 +105,8 @@ def run(work, out, scale, tiny, variants):
             log.info("%s %s %s", variant, mode, entry[mode])
             save()
         entry["examples_per_s_three_modes"] = round(3 * rows / sum(entry[m]["full_s"] for m in PROMPT_MODES), 2)
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
         for label, new_tokens in (("prefill", 1), ("full", scale.new_tokens)):
-            with torch.profiler.profile(activities=acts) as prof:
-                _, wall = gen("static", new_tokens, {})
-            avg = prof.key_averages()
-            key = "self_cuda_time_total" if DEV.type == "cuda" else "self_cpu_time_total"
-            busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg) / 1e6
-            entry[f"profile_{label}"] = {"wall_s": round(wall, 3), "device_busy_s": round(busy, 3),
-                                         "top_device": avg.table(sort_by=key, row_limit=25, max_name_column_width=70)}
+            entry[f"profile_{label}"] = gb.profiled(lambda: gen("static", new_tokens, {}), rows=25)
             log.info("%s profile %s\n%s", variant, label, entry[f"profile_{label}"]["top_device"])
             save()
     return res
