@@ -18,6 +18,7 @@ it is written here and registered under its own name through transformers'
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "sdpa_grouped"
 
@@ -26,8 +27,6 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
                            scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: ``query`` [b, heads, q, d], ``key``/``value``
     [b, kv_heads, k, d]; returns ([b, q, heads, d], None) as ``sdpa_attention_forward`` does."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = query.shape[1] // key.shape[1]
     if groups == 1 or attention_mask is None or dropout or kwargs.get("position_bias") is not None:
         # Nothing to save (no mask: sdpa already passes enable_gqa) or a case it handles alone.
@@ -37,12 +36,11 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     kv_heads = key.shape[1]
     # repeat_kv gives query head h the KV head h // groups: the heads of one group are adjacent.
     stacked = query.reshape(b, kv_heads, groups * q, d)
-    mask = attention_mask
-    if mask.shape[1] != 1:  # a per-head mask: take each group's rows in the same order
-        mask = mask.expand(b, heads, q, mask.shape[-1]).reshape(b, kv_heads, groups * q, mask.shape[-1])
-    else:
-        mask = mask.expand(b, 1, q, mask.shape[-1])[:, :, None].expand(b, 1, groups, q, mask.shape[-1])
-        mask = mask.reshape(b, 1, groups * q, mask.shape[-1])
+    # The mask's rows in the same order: a shared mask once per head of a group, a per-head one
+    # as it is ([b, 1 or heads, q or 1, k] -> [b, 1 or kv_heads, groups * q, k]).
+    k = attention_mask.shape[-1]
+    mask = attention_mask.expand(b, groups if attention_mask.shape[1] == 1 else heads, q, k)
+    mask = mask.reshape(b, -1, groups * q, k)
     out = torch.nn.functional.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, q, d).transpose(1, 2).contiguous(), None
 
