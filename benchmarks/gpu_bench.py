@@ -486,24 +486,35 @@ GENERATION_LEVERS = {
     "unmerged_adapter": {"merge_adapter": False},
     "static_graphs_bucket16": {"cache_implementation": "static_graphs", "bucket_tokens": 16},
     "grouped_attention": {"grouped_attention": True},
+    # The MedGemma profile's two newest defaults, each turned off alone: what each one gives.
+    "sdpa_attention": {"grouped_attention": False},
+    "no_shared_prefix": {"share_image_prefix": False},
 }
 
 
+def medgemma_evaluate_config(scale: Scale):
+    """configs/profiles/medgemma.yaml's ``evaluate:`` at the benchmark's batch and answer length: a
+    bf16 base, each decoding step a CUDA graph, grouped-query attention, each image's prompt
+    prefix once (tests/test_benchmark_smoke.py checks it against the profile)."""
+    from vqatune.evaluation.config import EvaluateConfig
+
+    return EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
+                          device=DEV.type, max_new_tokens=scale.new_tokens, cache_implementation="static_graphs",
+                          grouped_attention=True, share_image_prefix=True)
+
+
 def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_row: bool = False,
-                       levers: tuple[str, ...] = ()):
+                       levers: tuple[str, ...] = (), profile_eval: bool = False):
     """The evaluate stage's generation: base loaded once (bf16), adapter on/off, image features
     cached, each image's pixels made once (img_id keys, one pixel cache for the six
     configurations), generate_answers over the six configurations; then batched vs one-at-a-time
     (without image keys: the parity check also compares the two encodings)."""
-    from vqatune.evaluation.config import EvaluateConfig
     from vqatune.evaluation.run import compiles_norms, generation_levers, load_for_evaluation as load_tuned_model
     from vqatune.evaluation.run import merges_adapter
     from vqatune.generation.generate import generate_answers
     from vqatune.models.compile import compile_norms
 
-    # configs/profiles/medgemma.yaml's generation: a bf16 base, each decoding step a CUDA graph
-    cfg = EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
-                         device=DEV.type, max_new_tokens=scale.new_tokens, cache_implementation="static_graphs")
+    cfg = medgemma_evaluate_config(scale)
     test, messages, images = evaluation_inputs(data_dir, scale)
     model, processor = load_tuned_model(model_dir, adapter_dir, cfg)
     compiled = compiles_norms(model, cfg)
@@ -514,6 +525,7 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
     if plain_row:
         plain = timed_six_configurations(model, processor, test, messages, images, cfg, cache)
         log.info("project generation without compiled norms %s", plain["examples_per_s"])
+    if compiled:
         compile_norms(model)
     run = timed_six_configurations(model, processor, test, messages, images, cfg, cache)
     answers, per_config, timing, pixel_cache = run["answers"], run["per_config"], run["timing"], run["pixel_cache"]
@@ -537,8 +549,10 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
 
     log.info("project generation (%s) %s", cfg.cache_implementation, gen)
     lever_answers = {}
-    for label in levers:
-        lever_cfg = dataclasses.replace(cfg, **GENERATION_LEVERS[label])
+    for n_lever, name in enumerate(levers):
+        # A lever named twice runs twice (the second run warm: shapes and kernels seen before).
+        label = name if name not in levers[:n_lever] else f"{name}#{levers[:n_lever].count(name) + 1}"
+        lever_cfg = dataclasses.replace(cfg, **GENERATION_LEVERS[name])
         try:
             with lever_attention(model, lever_cfg):
                 lever = timed_six_configurations(model, processor, test, messages, images, lever_cfg, cache)
@@ -550,13 +564,22 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
         timing_l = lever["timing"]
         capture = timing_l.get("graph_capture_s", 0.0)
         gen.setdefault("levers", {})[label] = {
-            **GENERATION_LEVERS[label], "examples_per_s": lever["examples_per_s"],
+            **GENERATION_LEVERS[name], "examples_per_s": lever["examples_per_s"],
             "examples_per_s_without_capture": n / max(sum(lever["per_config"]) - capture, 1e-9),
             "graph_capture_s": capture, "seconds_per_configuration": lever["per_config"], "timing": timing_l,
             "fallback": timing_l.get("graph_fallback"), "peak_gib": DEV.peak_gib(),
             "answers_equal_default": sum(a == b for key in answers
                                          for a, b in zip(answers[key], lever["answers"][key])) / n}
         log.info("generation lever %s %s", label, gen["levers"][label])
+    # The caching allocator: retries (a cudaFree of every cached block, then the allocation again)
+    # and reserved memory, which fragmentation would show.
+    if DEV.type == "cuda":
+        mem = torch.cuda.memory_stats()
+        gen["allocator"] = {"alloc_retries": mem.get("num_alloc_retries"), "cuda_mallocs": mem.get("num_device_alloc"),
+                            "reserved_peak_gib": mem.get("reserved_bytes.all.peak", 0) / 2**30}
+    if profile_eval:
+        gen["profile_tuned_static"] = profile_configuration(model, processor, test, messages, images, cfg,
+                                                            pixel_cache, levers[-1] if levers else None)
     if STATIC_CACHE:
         # Opt-in: on an H100 the compilation of MedGemma-4B's decoding step did not finish within
         # ~6 minutes (2026-11-27), longer than the whole evaluation it would speed up here.
@@ -593,28 +616,57 @@ def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_
     return gen, parity
 
 
+def profile_configuration(model, processor, test, messages, images, cfg, pixel_cache, lever: str | None) -> dict:
+    """``torch.profiler`` over one tuned configuration (prompt mode static) as the timed runs make
+    it, with ``lever``'s settings (None: the defaults): where its seconds go on the device and
+    on the host, beside profile_eval_paths.py's model without the adapter."""
+    from vqatune.generation.generate import generate_answers
+
+    lever_cfg = dataclasses.replace(cfg, **GENERATION_LEVERS[lever]) if lever else cfg
+    stats: dict = {}
+    with lever_attention(model, lever_cfg), tuned_weights(model, lever_cfg) as merge:
+        merge()
+        result = profiled(lambda: generate_answers(
+            model, processor, messages["static"], images, batch_size=lever_cfg.batch_size,
+            max_new_tokens=lever_cfg.max_new_tokens, image_keys=test["img_id"], pixel_cache=pixel_cache,
+            cache_implementation=lever_cfg.cache_implementation, stats=stats,
+            bucket_tokens=lever_cfg.bucket_tokens, share_image_prefix=lever_cfg.share_image_prefix))
+    result.update(lever=lever, timing=stats)
+    log.info("profile of a tuned static configuration (%s)\n%s\n%s", lever or "defaults", result["top_cpu"],
+             result["top_device"])
+    return result
+
+
 @contextlib.contextmanager
 def lever_attention(model, cfg):
-    """``evaluate.grouped_attention`` switched on for one lever's run (the stage switches it on
-    at load time, ``generation_levers``), and back to ``sdpa`` after it."""
-    if not cfg.grouped_attention:
-        yield
-        return
-    from vqatune.generation.attention import use_grouped_attention
+    """The model's attention as ``cfg.grouped_attention`` asks for one lever's run (the stage sets
+    it once at load time, ``generation_levers``), and back as it was after it."""
+    from vqatune.generation.attention import NAME, use_grouped_attention
 
-    switched = use_grouped_attention(model)
+    before = model.config._attn_implementation
+    if cfg.grouped_attention:
+        use_grouped_attention(model)
+    elif before == NAME:
+        model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        if switched:
-            model.set_attn_implementation("sdpa")
+        if model.config._attn_implementation != before:
+            model.set_attn_implementation(before)
 
 
-def timed_six_configurations(model, processor, test, messages, images, cfg, cache) -> dict:
-    """One timed evaluation as a fresh stage runs it: an empty feature cache, a warm-up (CUDA
-    context, kernels, and any compilation: dynamic sizes, so the timed batches reuse it), then
-    the six configurations with a new pixel cache."""
+def timed_six_configurations(model, processor, test, messages, images, cfg, cache, warmup_rows: int = 16) -> dict:
+    """One timed evaluation as a fresh stage runs it: an empty feature cache, a warm-up, then the
+    six configurations with a new pixel cache.
+
+    The warm-up pays what a stage pays once per process, not per batch, on ``warmup_rows`` rows
+    of each prompt mode through the timed path (image keys, the static-graph loop, the shared
+    image prefix where ``cfg`` has it): the CUDA context, compilation of the RMSNorms for the
+    shapes' kinds (prompt, a group's prefix, the suffix over it, a decoding step), the encoder
+    threads' processor copies (~0.4 s each). Its seconds are reported apart (``warmup_s``); the
+    feature cache is emptied after it, so the timed run computes every image's features."""
     from vqatune.generation.generate import generate_answers
+    from vqatune.prompts import PROMPT_MODES
     from vqatune.vision.pixel_cache import ImagePixelCache
 
     if cache is not None:
@@ -623,11 +675,17 @@ def timed_six_configurations(model, processor, test, messages, images, cfg, cach
     DEV.reset()
     DEV.sync()
     t = time.perf_counter()
-    generate_answers(model, processor, messages["none"][:2], [images[0], images[1]], batch_size=2,
-                     max_new_tokens=2)
+    rows = list(range(min(warmup_rows, len(images))))
+    keys = [test["img_id"][i] for i in rows]
+    for mode in PROMPT_MODES:
+        generate_answers(model, processor, [messages[mode][i] for i in rows], [images[i] for i in rows],
+                         batch_size=len(rows), max_new_tokens=2, image_keys=keys, pixel_cache=ImagePixelCache(),
+                         cache_implementation=cfg.cache_implementation, bucket_tokens=cfg.bucket_tokens,
+                         share_image_prefix=cfg.share_image_prefix)
     DEV.sync()
     warmup_s = time.perf_counter() - t
-    if cache is not None:  # count the six configurations' vision forwards only
+    if cache is not None:  # the six configurations' vision forwards only, none cached before
+        cache.store.clear()
         cache.hits = cache.misses = 0
     pixel_cache, timing = ImagePixelCache(), {}
     answers, per_config = six_configurations(model, processor, messages, images, cfg, image_keys=test["img_id"],
@@ -650,13 +708,23 @@ def six_configurations(model, processor, messages, images, cfg, *, image_keys, p
     def configuration(mode, tuned, started=None):
         DEV.sync()
         t = time.perf_counter() if started is None else started
+        own: dict = {}
         answers[(mode, tuned)] = generate_answers(
             model, processor, messages[mode], images, batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens, image_keys=image_keys, pixel_cache=pixel_cache,
-            cache_implementation=cache_implementation, stats=stats, bucket_tokens=cfg.bucket_tokens,
+            cache_implementation=cache_implementation, stats=own, bucket_tokens=cfg.bucket_tokens,
             share_image_prefix=cfg.share_image_prefix)
         DEV.sync()
         seconds.append(time.perf_counter() - t)
+        for key, value in own.items():
+            stats[key] = value if isinstance(value, str) else stats.get(key, 0) + value
+        # Where each configuration's seconds went (the sums above hide which one is slow).
+        stats.setdefault("per_configuration", []).append(
+            {"mode": mode, "tuned": tuned, "seconds": round(seconds[-1], 3),
+             **{k: round(own[k], 3) for k in ("encode_wait_s", "image_features_s", "prefill_s", "graph_capture_s",
+                                              "generate_s", "total_s") if k in own},
+             "shared_prefix_groups": own.get("shared_prefix_groups"),
+             "decode_steps": own.get("decode_steps")})
 
     # The stage's order: the base configurations (adapter off), then the tuned ones with the
     # adapter merged (the merge timed in the first of them).
@@ -1082,6 +1150,8 @@ def main(argv=None):
                     f"the defaults: {', '.join(TRAIN_LEVERS)}")
     ap.add_argument("--gen-levers", default="", help="comma-separated generation levers: "
                     f"{', '.join(GENERATION_LEVERS)}")
+    ap.add_argument("--profile-eval", action="store_true",
+                    help="also torch.profiler over one tuned configuration, with the last --gen-levers lever")
     ap.add_argument("--uncompiled-norms-row", action="store_true",
                     help="also the evaluation without compiled RMSNorms first (~1 minute more)")
     ap.add_argument("--eval-only", action="store_true",
@@ -1113,7 +1183,8 @@ def main(argv=None):
                    unsloth=args.unsloth, unsloth_path=Path(args.unsloth_path), unsloth_timeout=args.unsloth_timeout,
                    train_levers=lever_names(args.train_levers, TRAIN_LEVERS, ap, "--train-levers"),
                    gen_levers=lever_names(args.gen_levers, GENERATION_LEVERS, ap, "--gen-levers"),
-                   uncompiled_norms_row=args.uncompiled_norms_row, eval_only=args.eval_only)
+                   uncompiled_norms_row=args.uncompiled_norms_row, eval_only=args.eval_only,
+                   profile_eval=args.profile_eval)
 
 
 def lever_names(text: str, known: dict, ap, flag: str) -> tuple[str, ...]:
@@ -1186,7 +1257,7 @@ def unsloth_peer(model_dir: Path, out: Path, *, path: Path, timeout: int) -> dic
 def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = False, levers: bool = False,
         unsloth: bool = False, unsloth_path: Path = Path(".unsloth"), unsloth_timeout: int = 240,
         train_levers: tuple[str, ...] = (), gen_levers: tuple[str, ...] = (),
-        uncompiled_norms_row: bool = False, eval_only: bool = False) -> dict:
+        uncompiled_norms_row: bool = False, eval_only: bool = False, profile_eval: bool = False) -> dict:
     """The whole benchmark. ``skip_guide``: without the guide's recipe (training, loss parity,
     one-at-a-time generation), for a call too short for everything; ``levers``: the issue-25
     levers side by side (training with the nf4 weights dequantized per call vs once; generation
@@ -1223,7 +1294,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
         results["evaluation"], results["parity"] = {}, {}
         results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
             model_dir, random_adapter(model_dir, work, scale), data_dir, scale, plain_row=uncompiled_norms_row,
-            levers=gen_levers)
+            levers=gen_levers, profile_eval=profile_eval)
         save()
         return results
     if unsloth:
@@ -1273,7 +1344,7 @@ def run(work: Path, out: Path, scale: Scale, tiny: bool, *, skip_guide: bool = F
         log.info("guide generation %s", results["evaluation"]["guide"])
     results["evaluation"]["project"], results["parity"]["generation"] = project_generation(
         model_dir, adapter_dir, data_dir, scale, plain_row=uncompiled_norms_row,
-        levers=gen_levers)
+        levers=gen_levers, profile_eval=profile_eval)
     save()
     log.info("project generation %s", results["evaluation"]["project"])
     summarize(results, model_dir, data_dir, scale)

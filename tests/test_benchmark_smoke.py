@@ -282,3 +282,21 @@ def test_vision_probe_scores_every_answer_against_its_majority(tmp_path, tiny_mo
         assert 0 < row["majority"] <= 1
         assert 0 <= row["base"]["linear"] <= 1 and 0 <= row["base"]["tokens"] <= 1
     assert "| polyp count |" in (tmp_path / "vision_probe.md").read_text()
+
+
+def test_the_benchmark_evaluates_with_the_medgemma_profile_settings():
+    """gpu_bench's evaluation row is the MedGemma profile's ``evaluate:`` (at the benchmark's own
+    batch and answer length): a key the profile turns on is on in the benchmark too."""
+    import dataclasses
+
+    import gpu_bench
+
+    from vqatune.cli.profile import load_profile
+
+    gpu_bench.DEV = gpu_bench.Device()
+    bench = dataclasses.asdict(gpu_bench.medgemma_evaluate_config(gpu_bench.FULL))
+    profile = load_profile("medgemma", BENCH.parent)["evaluate"]
+    own = {"batch_size", "max_new_tokens", "device", "cpu_threads"}  # the benchmark's scale and device
+    differ = {k: (v, bench[k]) for k, v in profile.items() if k not in own and bench[k] != v}
+    assert not differ, differ
+    assert bench["grouped_attention"] and bench["share_image_prefix"]

@@ -245,10 +245,13 @@ def test_static_graphs_answers_equal_dynamic_and_buckets_change_nothing(tiny):
     assert "sliding window" in fallback.get("graph_fallback", "sliding window")
 
 
-def test_rows_sharing_an_image_prefix_answer_as_one_forward_would(tiny):
+@pytest.mark.parametrize("grouped", [False, True], ids=["sdpa", "grouped_attention"])
+def test_rows_sharing_an_image_prefix_answer_as_one_forward_would(tiny, grouped):
     """share_image_prefix: each (image, prompt-before-the-image) group runs its prefix once and
     every row its own question over those keys and values. The answers equal generate's on the
-    whole prompts, rows of different images and prompt modes mixed in one batch."""
+    whole prompts, rows of different images and prompt modes mixed in one batch; also with
+    grouped attention, as the MedGemma profile runs it (the suffix's per-row 4D mask included)."""
+    from vqatune.generation.attention import use_grouped_attention
     from vqatune.vision.feature_cache import install_image_feature_cache
 
     model, processor = tiny
@@ -259,6 +262,8 @@ def test_rows_sharing_an_image_prefix_answer_as_one_forward_would(tiny):
     assert len(set(reference)) > 1
     cache = install_image_feature_cache(model, training=False)
     try:
+        if grouped:
+            assert use_grouped_attention(model)
         stats, plain = {}, {}
         shared = generate_answers(model, processor, messages, images, batch_size=8, max_new_tokens=4,
                                   image_keys=keys, cache_implementation="static_graphs", stats=stats,
@@ -267,6 +272,7 @@ def test_rows_sharing_an_image_prefix_answer_as_one_forward_would(tiny):
                                     image_keys=keys, cache_implementation="static_graphs", stats=plain)
     finally:
         cache.uninstall()
+        model.set_attn_implementation("sdpa")
     assert "graph_fallback" not in stats
     # every (image, prompt mode) pair is a group; 4 new tokens keep the longest prefix + the
     # longest suffix + the answer inside the tiny model's sliding window
