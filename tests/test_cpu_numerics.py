@@ -62,6 +62,44 @@ def _image_inputs(model_dir, n: int = 2):
     return processor, messages, images
 
 
+def test_a_4bit_load_quantizes_the_absmax_by_one_rule_on_every_cpu(tiny_model_dir):
+    """Double quantization (each nf4 block's absmax to 8 bits) follows bitsandbytes' own CUDA and
+    torch rule (nearest code by midpoints) on the CPU, not its CPU library's code choice, which
+    differs by CPU (0.15% of codes on an AMD EPYC with AVX512-BF16). Checked on the loaded
+    model's layers against that rule computed here from the checkpoint's weights."""
+    import bitsandbytes.functional as F
+    from safetensors.torch import load_file
+
+    from vqatune.cpu_numerics import portable_quantize_blockwise
+    from vqatune.models.tiny import original_layout_key
+
+    model = load_base_model(tiny_model_dir, quantization="4bit", dtype="float32", device="cpu")
+    weights = {}
+    for shard in Path(tiny_model_dir).glob("model*.safetensors"):
+        weights.update(load_file(str(shard)))
+    checked = 0
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or state.state2 is None:
+            continue
+        key = original_layout_key(name + ".weight")
+        dense = weights[key].float()
+        # nf4 step (torch in bitsandbytes on every CPU): each 64-block's absmax, then double quantized
+        absmax = dense.reshape(-1, state.blocksize).abs().max(-1).values
+        codes, scale = portable_quantize_blockwise(absmax - state.offset, state.state2.code, state.state2.blocksize)
+        assert torch.equal(state.absmax.reshape(-1), codes.reshape(-1)), name
+        assert torch.equal(state.state2.absmax, scale), name
+        checked += 1
+    assert checked >= 10
+    # and the op itself, on values near the codes' midpoints where a code choice can differ
+    code = F.create_dynamic_map(signed=True)
+    mid = ((code[:-1] + code[1:]) / 2).repeat(16)
+    values = torch.cat([mid * (1 + 1e-7), mid * (1 - 1e-7), torch.randn(4096)])
+    got, scale = torch.ops.bitsandbytes.quantize_blockwise.default(values, code, 256)
+    want, want_scale = portable_quantize_blockwise(values, code, 256)
+    assert torch.equal(got, want) and torch.equal(scale, want_scale)
+
+
 def test_the_simulated_cpu_really_turns_the_packed_path_on(tiny_model_dir, avx512_bf16_cpu):
     """Guards the simulation itself: bitsandbytes' own layer takes the flag from has_avx512bf16.
     If a bitsandbytes upgrade renames it, this fails and cpu_numerics must follow."""

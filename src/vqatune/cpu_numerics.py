@@ -15,7 +15,13 @@ Two things differ between x86 CPUs and would otherwise change results:
    every 4-bit layer when the model is loaded: dequantize, then torch's matmul, on every CPU.
    It costs CPU inference speed on large models only; on a GPU the flag is never read.
 
-2. **torch's CPU kernels, chosen per CPU at run time.** ATen picks its vectorised kernels
+2. **bitsandbytes' CPU quantization.** Loading a model in 4 bits quantizes each layer's weights
+   to nf4 (in torch, the same everywhere) and then their per-block absmax to 8 bits (double
+   quantization) with bitsandbytes' CPU library, which picks codes differently by CPU (on an AMD
+   EPYC with AVX512-BF16, 0.15% of them differ from bitsandbytes' own CUDA and torch rule).
+   ``use_portable_quantization`` puts that rule on the CPU too, in torch.
+
+3. **torch's CPU kernels, chosen per CPU at run time.** ATen picks its vectorised kernels
    (softmax, norms, reductions, exp) by the best instruction set the CPU has (DEFAULT, AVX2,
    AVX512); oneDNN, which runs the vision tower's patch convolution, JIT-compiles for the CPU;
    MKL picks its GEMM code path. Each sums in another order or rounds another way, so an AVX512
@@ -88,6 +94,51 @@ def numerics_label() -> str:
             and not torch.backends.mkldnn.enabled):
         return "portable"
     return f"native ({capability})"
+
+
+def portable_quantize_blockwise(A, code, blocksize: int):
+    """bitsandbytes' blockwise 8-bit quantization, in torch: each value scaled by its block's
+    absmax and given the nearest code, nearest by the midpoints between sorted codes.
+
+    This is the rule of bitsandbytes' CUDA kernel and of its pure-torch ``default`` backend.
+    Its CPU library (``cquantize_blockwise_cpu_fp32``) picks codes another way. That way is not
+    the same on every CPU: on an AMD EPYC with AVX512-BF16, 0.15% of its codes differ from this
+    rule. It is what quantizes the nf4 absmax of every 4-bit layer (double quantization) at load
+    time, so a 4-bit model loaded on two CPUs differed before a single step ran. Written here
+    because bitsandbytes offers no switch between its backends. Same signature and outputs as
+    the op: (uint8 codes shaped like ``A``, fp32 absmax per block)."""
+    import torch
+
+    flat = A.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=-1).values
+    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) / absmax.clamp(min=1e-38)[:, None], -1, 1).reshape(-1)
+    if full < n:  # a last, shorter block
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last[None]])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
+    midpoints = (code[:-1] + code[1:]) / 2  # bitsandbytes' codes are sorted
+    return torch.bucketize(scaled, midpoints.to(scaled.device)).to(torch.uint8).reshape(A.shape), absmax
+
+
+_QUANTIZE_PINNED = False
+
+
+def use_portable_quantization() -> bool:
+    """Route bitsandbytes' CPU blockwise quantization to ``portable_quantize_blockwise``, once
+    per process; before a 4-bit model is loaded on the CPU. Returns whether it is in place
+    (False without bitsandbytes). CUDA keeps bitsandbytes' own kernel."""
+    global _QUANTIZE_PINNED
+    if _QUANTIZE_PINNED:
+        return True
+    try:
+        from bitsandbytes._ops import register_kernel
+    except ImportError:
+        return False
+    register_kernel("bitsandbytes::quantize_blockwise", "cpu")(portable_quantize_blockwise)
+    _QUANTIZE_PINNED = True
+    return True
 
 
 def use_portable_4bit_path(model) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import InputError, require, restore_hint
-from ..cpu_numerics import use_portable_4bit_path
+from ..cpu_numerics import use_portable_4bit_path, use_portable_quantization
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ def load_base_model(model_dir: str | Path, *, quantization: str = "none",
             f"{attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     check_model_folder(model_dir)
     device = resolve_device(device)
+    if quantization == "4bit" and str(device).startswith("cpu"):
+        # The nf4 absmax quantized by the same rule on every CPU (see cpu_numerics).
+        use_portable_quantization()
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir),
         quantization_config=quantization_config(quantization, compute_dtype),
