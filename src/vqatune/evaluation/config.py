@@ -38,7 +38,8 @@ class EvaluateConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # With sdpa: grouped-query attention without copying each KV head per query head
-    # (vqatune.generation.attention); the same attention, less memory traffic per decoding step.
+    # (vqatune.generation.attention); the same attention, less memory traffic per decoding step
+    # (MedGemma profile: 1.44x evaluation on an H100; slower on CPU, where the copies are small).
     grouped_attention: bool = False
     # Each test image's vision features once for all its questions and all six configurations
     # (~5.5 TFLOP per 896 px image on MedGemma); off automatically when the adapter reaches the
@@ -56,8 +57,8 @@ class EvaluateConfig:
     # With static_graphs and the image-feature cache: rows that show the same image after the same
     # prompt text (modes none and static: every question of an image) run that prefix, ~260 of a
     # MedGemma prompt's ~285 tokens, once (generation.graphs.shared_prefix_plan; the answers equal
-    # generate's on CPU, tests/test_generation.py). Off until its speed and bf16 parity are
-    # measured on a GPU (gpu_bench --gen-levers shared_prefix).
+    # generate's on CPU, tests/test_generation.py). On in the MedGemma profile (H100: modes none and
+    # static prefill ~2.5x faster; batched answers equal one-at-a-time, docs/gpu-throughput.md).
     share_image_prefix: bool = False
     # Length buckets: a generation batch also ends where a prompt is more than this many text
     # tokens longer than the batch's first (rows are sorted by length). null: batches of batch_size.

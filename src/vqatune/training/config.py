@@ -55,7 +55,7 @@ class TrainConfig:
     # The language model's residual stream in fp32 while its weights stay bf16 (or nf4). In a
     # bf16 stream an adapter's early updates are smaller than half a bf16 step of the layer
     # output they are added to and round away: on MedGemma-4B shapes the first AdamW step bought
-    # 0.68 of the loss drop the guide's fp32 recipe got (benchmarks/results/gpu_bench_h100.json),
+    # 0.68 of the loss drop the guide's fp32 recipe got (benchmarks/results/gpu_bench_h100_guide.json),
     # and at lr 5e-5 none of it (CPU, nf4, scaled tiny model). No effect on fp32 models.
     fp32_residual: bool = True
     # QLoRA numerics at bf16 speed: each nf4 layer's weights dequantized once after loading
