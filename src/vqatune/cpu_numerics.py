@@ -1,6 +1,6 @@
 """One numeric path on every x86 CPU, so a run gives the same numbers on a colleague's machine.
 
-Two things differ between x86 CPUs and would otherwise change results:
+Three things differ between x86 CPUs and would otherwise change results:
 
 1. **bitsandbytes' 4-bit inference path.** On a CPU that reports AVX512-BF16, bitsandbytes 0.50
    repacks each ``Linear4bit`` weight on its first no-grad forward in eval mode
@@ -113,8 +113,11 @@ def portable_quantize_blockwise(A, code, blocksize: int):
     n = flat.numel()
     full = n - n % blocksize
     absmax = flat[:full].reshape(-1, blocksize).abs().max(dim=-1).values
-    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) / absmax.clamp(min=1e-38)[:, None], -1, 1).reshape(-1)
-    if full < n:  # a last, shorter block
+    # times the reciprocal, as the CUDA kernel and the default backend scale (a division can
+    # round the other way and, next to a midpoint, give the other code)
+    scaled = torch.clamp(flat[:full].reshape(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
+    scaled = scaled.reshape(-1)
+    if full < n:  # a last, shorter block (the default backend divides here)
         last = flat[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, last[None]])
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / last, -1, 1)])
