@@ -98,6 +98,18 @@ def test_a_4bit_load_quantizes_the_absmax_by_one_rule_on_every_cpu(tiny_model_di
     got, scale = torch.ops.bitsandbytes.quantize_blockwise.default(values, code, 256)
     want, want_scale = portable_quantize_blockwise(values, code, 256)
     assert torch.equal(got, want) and torch.equal(scale, want_scale)
+    # the rule itself, known by hand: in a block whose absmax is 1 (no rounding in the scaling), a
+    # value just above the midpoint of codes i and i+1 gets i+1, just below gets i
+    i = torch.arange(255)
+    mid = (code[:-1] + code[1:]) / 2
+    block = torch.cat([mid * (1 + 1e-6), mid * (1 - 1e-6)]).clamp(-0.999, 0.999)
+    block = torch.cat([block, torch.tensor([1.0])])
+    codes, _ = portable_quantize_blockwise(block, code, block.numel())
+    above = torch.where(mid > 0, i + 1, i)   # |x| grows away from 0: above a positive midpoint
+    below = torch.where(mid > 0, i, i + 1)   # is the upper code, above a negative one the lower
+    inside = (mid * (1 + 1e-6)).abs() < 0.999
+    assert torch.equal(codes[:255][inside].long(), above[inside])
+    assert torch.equal(codes[255:510][inside].long(), below[inside])
 
 
 def test_the_simulated_cpu_really_turns_the_packed_path_on(tiny_model_dir, avx512_bf16_cpu):
