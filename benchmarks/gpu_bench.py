@@ -493,14 +493,14 @@ GENERATION_LEVERS = {
 
 
 def medgemma_evaluate_config(scale: Scale):
-    """configs/profiles/medgemma.yaml's ``evaluate:`` at the benchmark's batch and answer length: a
-    bf16 base, each decoding step a CUDA graph, grouped-query attention, each image's prompt
-    prefix once (tests/test_benchmark_smoke.py checks it against the profile)."""
+    """configs/profiles/medgemma.yaml's ``evaluate:`` (read from it, so the benchmark follows the
+    profile), at the benchmark's batch, answer length and device, on a bf16 base."""
+    from vqatune.cli.profile import load_profile
     from vqatune.evaluation.config import EvaluateConfig
 
-    return EvaluateConfig(batch_size=scale.gen_batch, quantization="none", attn_implementation="sdpa",
-                          device=DEV.type, max_new_tokens=scale.new_tokens, cache_implementation="static_graphs",
-                          grouped_attention=True, share_image_prefix=True)
+    profile = load_profile("medgemma", Path(__file__).resolve().parents[1])["evaluate"]
+    return EvaluateConfig(**{**profile, "batch_size": scale.gen_batch, "max_new_tokens": scale.new_tokens,
+                             "device": DEV.type, "quantization": "none", "cpu_threads": None})
 
 
 def project_generation(model_dir, adapter_dir, data_dir, scale: Scale, *, plain_row: bool = False,
@@ -700,7 +700,7 @@ def six_configurations(model, processor, messages, images, cfg, *, image_keys, p
                        cache_implementation, stats, seconds=None):
     """{base, tuned} x {none, static, adaptive} as the evaluate stage runs them: answers per
     (mode, tuned) and synchronised seconds per configuration (appended to ``seconds`` if given)."""
-    from vqatune.generation.generate import generate_answers
+    from vqatune.generation.generate import add_stats, generate_answers
     from vqatune.prompts import PROMPT_MODES
 
     answers, seconds = {}, seconds if seconds is not None else []
@@ -716,8 +716,7 @@ def six_configurations(model, processor, messages, images, cfg, *, image_keys, p
             share_image_prefix=cfg.share_image_prefix)
         DEV.sync()
         seconds.append(time.perf_counter() - t)
-        for key, value in own.items():
-            stats[key] = value if isinstance(value, str) else stats.get(key, 0) + value
+        add_stats(stats, own)
         # Where each configuration's seconds went (the sums above hide which one is slow).
         stats.setdefault("per_configuration", []).append(
             {"mode": mode, "tuned": tuned, "seconds": round(seconds[-1], 3),

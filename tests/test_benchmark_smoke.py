@@ -286,7 +286,7 @@ def test_vision_probe_scores_every_answer_against_its_majority(tmp_path, tiny_mo
 
 def test_the_benchmark_evaluates_with_the_medgemma_profile_settings():
     """gpu_bench's evaluation row is the MedGemma profile's ``evaluate:`` (at the benchmark's own
-    batch and answer length): a key the profile turns on is on in the benchmark too."""
+    batch, answer length and device): every key the profile sets, and its generation levers on."""
     import dataclasses
 
     import gpu_bench
@@ -296,7 +296,10 @@ def test_the_benchmark_evaluates_with_the_medgemma_profile_settings():
     gpu_bench.DEV = gpu_bench.Device()
     bench = dataclasses.asdict(gpu_bench.medgemma_evaluate_config(gpu_bench.FULL))
     profile = load_profile("medgemma", BENCH.parent)["evaluate"]
-    own = {"batch_size", "max_new_tokens", "device", "cpu_threads"}  # the benchmark's scale and device
+    own = {"batch_size": gpu_bench.FULL.gen_batch, "max_new_tokens": gpu_bench.FULL.new_tokens,
+           "device": gpu_bench.DEV.type, "cpu_threads": None}
+    assert {k: bench[k] for k in own} == own
     differ = {k: (v, bench[k]) for k, v in profile.items() if k not in own and bench[k] != v}
     assert not differ, differ
     assert bench["grouped_attention"] and bench["share_image_prefix"]
+    assert bench["cache_implementation"] == "static_graphs" and bench["quantization"] == "none"
