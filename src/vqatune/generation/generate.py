@@ -254,6 +254,13 @@ def generate_answers(model, processor, messages_list: Sequence[list[dict]], imag
         if pixel_cache is not None:
             timing.update(images_processed=pixel_cache.computed - computed,
                           images_reused=pixel_cache.reused - reused)
-        for key, value in timing.items():
-            stats[key] = value if isinstance(value, str) else stats.get(key, 0) + value
+        add_stats(stats, timing)
     return answers
+
+
+def add_stats(total: dict, new: dict) -> dict:
+    """``new`` added into ``total`` key by key (strings, e.g. a fallback's reason, replace): how
+    ``generate_answers`` sums its ``stats`` over calls sharing one dict. Returns ``total``."""
+    for key, value in new.items():
+        total[key] = value if isinstance(value, str) else total.get(key, 0) + value
+    return total
