@@ -36,6 +36,7 @@ Three things differ between x86 CPUs and would otherwise change results:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -125,22 +126,16 @@ def portable_quantize_blockwise(A, code, blocksize: int):
     return torch.bucketize(scaled, midpoints.to(scaled.device)).to(torch.uint8).reshape(A.shape), absmax
 
 
-_QUANTIZE_PINNED = False
-
-
+@functools.cache
 def use_portable_quantization() -> bool:
     """Route bitsandbytes' CPU blockwise quantization to ``portable_quantize_blockwise``, once
     per process; before a 4-bit model is loaded on the CPU. Returns whether it is in place
     (False without bitsandbytes). CUDA keeps bitsandbytes' own kernel."""
-    global _QUANTIZE_PINNED
-    if _QUANTIZE_PINNED:
-        return True
     try:
         from bitsandbytes._ops import register_kernel
     except ImportError:
         return False
     register_kernel("bitsandbytes::quantize_blockwise", "cpu")(portable_quantize_blockwise)
-    _QUANTIZE_PINNED = True
     return True
 
 
