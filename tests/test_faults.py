@@ -225,6 +225,8 @@ BAD_VALUES = [  # (stage that reads it, key, value, what the line must say)
     ("evaluate", "evaluate.max_new_tokens", 0, r"evaluate\.max_new_tokens: must be at least 1"),
     ("base_model", "model.tiny_layers", 0, r"model\.tiny_layers: must be at least 1"),
     ("base_model", "model.tiny_hidden_size", -64, r"model\.tiny_hidden_size: must be a multiple of 16"),
+    ("base_model", "model.tiny_vision_pretraining_scenes", 10,
+     r"model\.tiny_vision_pretraining_scenes: must be 0 \(a random tower\) or at least 64"),
     ("base_model", "model.tiny_image_size", 0, r"model\.tiny_image_size"),
     ("prepare", "prepare.image_size", 0, r"prepare\.image_size: must be at least 16"),
     ("prepare", "prepare.max_image_pixels", -1, r"prepare\.max_image_pixels: must be positive"),

@@ -171,6 +171,13 @@ class ModelConfig:
     tiny_vocab_size: int = 1024
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
+    tiny_vision_hidden_size: int = 32
+    tiny_vision_layers: int = 2
+    # Scenes (of the synthetic world, a seed of their own) the tiny vision tower is pretrained on
+    # before anything else sees it: 0 leaves it random, which keeps test builds fast; params.yaml
+    # turns it on (models/tiny_vision.py says why a random tower cannot do).
+    tiny_vision_pretraining_scenes: int = 0
+    tiny_vision_pretraining_epochs: int = 8
 
     def validate(self, p: str) -> None:
         require(bool(self.id.strip()), f"{p}.id", f"must name a model: {BUILTIN_TINY}, a hub id or a folder")
@@ -180,6 +187,13 @@ class ModelConfig:
         require(self.tiny_hidden_size >= 16 and self.tiny_hidden_size % 16 == 0, f"{p}.tiny_hidden_size",
                 "must be a multiple of 16, at least 16")
         require(self.tiny_layers >= 1, f"{p}.tiny_layers", "must be at least 1")
+        require(self.tiny_vision_hidden_size >= 16 and self.tiny_vision_hidden_size % 16 == 0,
+                f"{p}.tiny_vision_hidden_size", "must be a multiple of 16, at least 16")
+        require(self.tiny_vision_layers >= 1, f"{p}.tiny_vision_layers", "must be at least 1")
+        require(self.tiny_vision_pretraining_scenes == 0 or self.tiny_vision_pretraining_scenes >= 64,
+                f"{p}.tiny_vision_pretraining_scenes", "must be 0 (a random tower) or at least 64")
+        require(self.tiny_vision_pretraining_epochs >= 1, f"{p}.tiny_vision_pretraining_epochs",
+                "must be at least 1")
 
     @property
     def is_builtin(self) -> bool:

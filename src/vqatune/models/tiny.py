@@ -214,9 +214,9 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
             model_type="siglip_vision_model",
             image_size=image_size,
             patch_size=patch,
-            hidden_size=hidden // 2,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=2,
+            hidden_size=cfg.tiny_vision_hidden_size,
+            intermediate_size=cfg.tiny_vision_hidden_size * 4,
+            num_hidden_layers=cfg.tiny_vision_layers,
             num_attention_heads=2,
             vision_use_head=False,
         ),
@@ -236,6 +236,15 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, 1.0 / proj.shape[0] ** 0.5)
     fold_world_contrast(model, image_size, cfg.seed)
+    vision_report = {"pretrained": False}
+    if cfg.tiny_vision_pretraining_scenes:
+        from .tiny_vision import PretrainConfig, pretrain_vision_tower
+
+        scores = pretrain_vision_tower(model, image_size, PretrainConfig(
+            scenes=cfg.tiny_vision_pretraining_scenes, epochs=cfg.tiny_vision_pretraining_epochs,
+            seed=cfg.seed))
+        vision_report = {"pretrained": True, "scenes": cfg.tiny_vision_pretraining_scenes,
+                         "epochs": cfg.tiny_vision_pretraining_epochs, "held_out_accuracy": scores}
     model.generation_config.eos_token_id = [ids[EOS], tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     model.generation_config.pad_token_id = ids[PAD]
     model.generation_config.bos_token_id = ids[BOS]
@@ -260,7 +269,7 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
     finish_tokenizer_files(out_dir, sp_model)
     (out_dir / "vqatune_builtin.json").write_text(
         json.dumps({"model_id": cfg.id, "seed": cfg.seed, "vocab_size": vocab_size,
-                    "image_size": image_size}, indent=2) + "\n")
+                    "image_size": image_size, "vision_tower": vision_report}, indent=2) + "\n")
     return out_dir
 
 
