@@ -303,3 +303,22 @@ def test_the_benchmark_evaluates_with_the_medgemma_profile_settings():
     assert not differ, differ
     assert bench["grouped_attention"] and bench["share_image_prefix"]
     assert bench["cache_implementation"] == "static_graphs" and bench["quantization"] == "none"
+
+
+def test_answer_probe_scores_each_question_at_every_layer(tmp_path, tiny_model_dir, processed_dir):
+    """benchmarks/answer_probe.py on the small prepared set: for each question it finds enough rows
+    of, the majority share, the model's first-token accuracy and a probe per layer, all in [0, 1]."""
+    import os
+    import subprocess
+
+    subprocess.run([sys.executable, str(BENCH / "answer_probe.py"), "--model", str(tiny_model_dir),
+                    "--data", str(processed_dir), "--params", str(BENCH.parent / "params.yaml"),
+                    "--rows", "40", "--out", str(tmp_path)], check=True, env=dict(os.environ), timeout=600)
+    res = json.loads((tmp_path / "answer_probe.json").read_text())
+    assert res["questions"], "no question had 10 training rows"
+    layers = 1 + json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for row in res["questions"].values():
+        assert 0 < row["majority"] <= 1 and 0 <= row["model_first_token_right"] <= 1
+        assert len(row["probe"]) == layers and all(v is None or 0 <= v <= 1 for v in row["probe"].values())
+    assert any(v is not None for row in res["questions"].values() for v in row["probe"].values())
+    assert "| question |" in (tmp_path / "answer_probe.md").read_text()
