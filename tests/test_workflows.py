@@ -37,6 +37,8 @@ from vqatune.provenance import fingerprint
 pytestmark = pytest.mark.workflow
 
 SMALL = {
+    ("model", "tiny_vision_pretraining_scenes"): 64,  # the committed 2,400 take minutes per clone
+    ("model", "tiny_vision_pretraining_epochs"): 1,
     ("prepare", "synthetic_images"): 30,
     ("prepare", "test_size"): 0.2,  # 6 test images, more rows than subset_size: a new seed draws new rows
     ("tune", "n_trials"): 2,
