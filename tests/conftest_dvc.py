@@ -1,4 +1,4 @@
-"""Shared by test_workflows and test_faults: a git clone of this working tree (uncommitted changes
+"""Shared by test_workflows, test_faults and test_remote_s3: a git clone of this working tree (uncommitted changes
 included) in which the tests run `dvc`, and the environment they run it in."""
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# model: values for a clone's pipeline: the tiny tower's pretraining at 64 scenes x 1 epoch keeps its
+# code path and takes seconds; the committed 2,400 x 8 take minutes in every clone's base_model.
+SMALL_TOWER = {"tiny_vision_pretraining_scenes": 64, "tiny_vision_pretraining_epochs": 1}
 
 
 def dvc_env() -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest_dvc import SMALL_TOWER
 
 from vqatune.training.checkpoints import checkpoint_problem, last_complete_checkpoint
 from vqatune.training.run import run_training
@@ -1024,8 +1025,7 @@ def test_sigkill_while_evaluate_writes_leaves_no_eval_json_and_the_rerun_matches
 
 # The train stage's share of the pipeline, shrunk as TRAIN above (5 steps, a checkpoint every 2),
 # on 12 synthetic images, with the search off (tune writes a best_params.json that says so).
-# The tiny tower's pretraining shrunk to seconds: the committed 2,400 scenes take minutes per clone.
-DVC_KILL_PARAMS = {"model": {"tiny_vision_pretraining_scenes": 64, "tiny_vision_pretraining_epochs": 1},
+DVC_KILL_PARAMS = {"model": SMALL_TOWER,
                    "prepare": {"synthetic_images": 12}, "tune": {"enabled": False},
                    "train": {**TRAIN, "save_total_limit": 5}}
 

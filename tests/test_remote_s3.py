@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest_dvc import SMALL_TOWER
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -136,7 +137,7 @@ def project(tmp_path_factory, env, s3):
     (clone / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["prepare"]["synthetic_images"] = 12
-    params["model"].update(tiny_vision_pretraining_scenes=64, tiny_vision_pretraining_epochs=1)  # seconds, not minutes
+    params["model"].update(SMALL_TOWER)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (clone / "dvc.lock").unlink(missing_ok=True)
     endpoint, key_id, secret = s3

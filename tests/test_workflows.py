@@ -30,15 +30,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest_dvc import clone_working_tree, dvc_env
+from conftest_dvc import SMALL_TOWER, clone_working_tree, dvc_env
 from conftest_metrics import without_run_measures
 from vqatune.provenance import fingerprint
 
 pytestmark = pytest.mark.workflow
 
 SMALL = {
-    ("model", "tiny_vision_pretraining_scenes"): 64,  # the committed 2,400 take minutes per clone
-    ("model", "tiny_vision_pretraining_epochs"): 1,
+    **{("model", key): value for key, value in SMALL_TOWER.items()},
     ("prepare", "synthetic_images"): 30,
     ("prepare", "test_size"): 0.2,  # 6 test images, more rows than subset_size: a new seed draws new rows
     ("tune", "n_trials"): 2,
