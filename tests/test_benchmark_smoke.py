@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -322,3 +323,32 @@ def test_answer_probe_scores_each_question_at_every_layer(tmp_path, tiny_model_d
         assert len(row["probe"]) == layers and all(v is None or 0 <= v <= 1 for v in row["probe"].values())
     assert any(v is not None for row in res["questions"].values() for v in row["probe"].values())
     assert "| question |" in (tmp_path / "answer_probe.md").read_text()
+
+
+def test_embedded_sweep_trains_each_variant_and_scores_it(tmp_path, tiny_model_dir, processed_dir):
+    """benchmarks/embedded_sweep.py on CPU: two variants of the train section, two steps each; each
+    run's params carry its change (a searched key goes to best_params.json), and each is scored
+    on the whole test split with per-category exact match in [0, 1]."""
+    import subprocess
+
+    runs = {"committed": {"train": {"max_steps": 2, "eval_steps": 1, "save_steps": 1, "max_eval_rows": 4}},
+            "lm_only": {"train": {"max_steps": 2, "eval_steps": 1, "save_steps": 1, "max_eval_rows": 4,
+                                  "learning_rate": 0.002, "lora.vision_tower": False, "lora.target_modules": "lm"}}}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    subprocess.run([sys.executable, str(BENCH / "embedded_sweep.py"), "--runs", str(tmp_path / "runs.json"),
+                    "--model", str(tiny_model_dir), "--data", str(processed_dir),
+                    "--params", str(BENCH.parent / "params.yaml"), "--best-params", str(tmp_path / "none.json"),
+                    "--device", "cpu", "--parallel", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                   check=True, timeout=900)
+    res = json.loads((tmp_path / "embedded_sweep.json").read_text())["runs"]
+    assert set(res) == set(runs)
+    for row in res.values():
+        assert row["steps"] == 2, row
+        scores = row["scores"]["none"]
+        assert scores["rows"] > 0 and 0 <= scores["exact_match"] <= 1
+        assert scores["per_category"] and all(0 <= v <= 1 for v in scores["per_category"].values())
+    lm_only = yaml.safe_load((tmp_path / "work" / "lm_only" / "params.yaml").read_text())["train"]["lora"]
+    assert lm_only["vision_tower"] is False and lm_only["target_modules"] == "lm"
+    best = json.loads((tmp_path / "work" / "lm_only" / "best_params.json").read_text())["params"]
+    assert best == {"learning_rate": 0.002}
+    assert "| lm_only |" in (tmp_path / "embedded_sweep.md").read_text()
