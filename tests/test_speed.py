@@ -222,6 +222,60 @@ def test_image_feature_cache_refuses_a_trainable_tower_or_an_adapter_on_it(tiny_
     assert maybe_install_image_feature_cache(projector, training=False, enabled=False) is None
 
 
+def test_tower_level_cache_trains_the_projector_as_the_uncached_model_does(tiny_model_dir):
+    """A projector trained over a frozen tower: the tower's outputs are cached (the tower runs once
+    per image), the projector runs at every step, and the loss and every gradient (projector
+    and LoRA) equal those of the model without the cache. A LoRA on the tower refuses it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    rows = synthetic_qa(3, processor.image_processor.size["height"])[:6]
+    batch = collate(processor, rows, train=True)
+    images = len({r.img_id for r in rows})
+    assert images > 1
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False,
+                                                      modules_to_save=["multi_modal_projector"]))
+        return peft_model
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads(build())
+    model = build()
+    assert maybe_install_image_feature_cache(model, training=True) is None  # the projector trains
+    cache = maybe_install_image_feature_cache(model, training=True, tower_level=True)
+    assert cache is not None and cache.level == "tower"
+    core = _multimodal_core(model)
+    tower_calls = []
+    hook = core.vision_tower.register_forward_hook(lambda *args: tower_calls.append(1))
+    try:
+        for step in range(2):
+            loss, grads = loss_and_grads(model)
+            torch.testing.assert_close(loss, plain_loss)
+            assert grads.keys() == plain_grads.keys()
+            projector = [n for n in grads if "multi_modal_projector" in n]
+            assert projector and all(grads[n].abs().sum() > 0 for n in projector)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, plain_grads[name], msg=name)
+        assert len(tower_calls) == 1, "the tower ran again for images it had seen"
+        assert cache.misses == images and cache.hits == 2 * len(rows) - images
+    finally:
+        hook.remove()
+        cache.uninstall()
+
+    vision = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["multi_modal_projector"]))
+    assert maybe_install_image_feature_cache(vision, training=True, tower_level=True) is None
+
+
 def test_no_cache_when_lora_reaches_the_vision_tower(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText

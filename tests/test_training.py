@@ -294,9 +294,11 @@ def test_ctrl_c_on_the_stage_leaves_a_partial_adapter_and_the_rerun_resumes(tiny
     assert not Path(f"{out}.partial").exists() and (out / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("precompute", [True, False])
+@pytest.mark.parametrize("precompute, projector", [(True, False), (False, False), (True, True)])
 def test_precomputed_image_features_leave_no_vision_forward_to_the_steps(tiny_model_dir, processed_dir, tmp_path,
-                                                                          monkeypatch, precompute):
+                                                                          monkeypatch, precompute, projector):
+    """Precomputed features: no step runs the vision tower. With a projector that trains (the
+    tiny model's), the tower's outputs are what is cached, and the projector still learns."""
     from datasets import load_from_disk
 
     from vqatune.vision.feature_cache import ImageFeatureCache
@@ -316,20 +318,28 @@ def test_precomputed_image_features_leave_no_vision_forward_to_the_steps(tiny_mo
             self.calls = []
             tower = next(m for n, m in model.named_modules() if n.endswith("vision_tower"))
             self.hook = tower.register_forward_hook(lambda *a: self.calls.append(1))
+            self.projector = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if "multi_modal_projector" in n and p.requires_grad}
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
             self.hook.remove()
+            self.projector_changed = [n for n, p in model.named_parameters()
+                                      if n in self.projector and not torch.equal(p, self.projector[n])]
 
     calls = VisionCalls()
     cfg = small_config(load_best_model_at_end=False, cache_image_features=True,
                        precompute_image_features=precompute)
-    cfg.lora.target_modules, cfg.lora.vision_tower, cfg.lora.modules_to_save = "mlp", False, []
+    cfg.lora.target_modules, cfg.lora.vision_tower = "mlp", False
+    cfg.lora.modules_to_save = ["multi_modal_projector"] if projector else []
     run_training(cfg, tiny_model_dir, processed_dir, None, checkpoint_dir=tmp_path / "ckpt", callbacks=[calls])
 
     train, held_out = split_train_eval(load_from_disk(str(processed_dir))["train"], cfg.eval_fraction, cfg.seed,
                                        cfg.max_eval_rows)
     distinct = len(set(train["img_id"])) + len(set(held_out["img_id"]))
     assert len(caches) == 1
+    assert caches[0].level == ("tower" if projector else "projected")
+    if projector:
+        assert calls.projector and sorted(calls.projector_changed) == sorted(calls.projector)
     if precompute:
         assert calls.misses_at_start == len(caches[0].store) == distinct
         assert calls.calls == []  # four steps and two evaluations, all from the cache

@@ -193,14 +193,16 @@ def _run_dir(s: _Setup) -> tuple[Path, Optional[Path]]:
     return run_dir, checkpoint
 
 
-def _build_model(s: _Setup):
+def _build_model(s: _Setup, images: int = 0):
     """(model with LoRA, processor, image-feature cache or None, compiled layers, fp32 residual,
-    dequantized layers)."""
+    dequantized layers). ``images``: the distinct images of the train and eval rows (whether the
+    vision tower's outputs may be cached)."""
     from ..models.compile import compile_layers, compile_wanted
     from ..models.loading import load_base_model, load_processor
     from ..models.lora import attach_lora
     from ..models.precision import dequantize_4bit_layers, dequantize_wanted, prepare_for_kbit_training
     from ..vision.feature_cache import maybe_install_image_feature_cache
+    from .features import tower_cache_fits
 
     cfg = s.cfg
     processor = load_processor(s.model_dir, trust_remote_code=s.trust_remote_code)
@@ -218,7 +220,15 @@ def _build_model(s: _Setup):
     fp32_residual = cfg.fp32_residual and s.precision in ("bf16", "fp16")
     model = prepare_for_kbit_training(model, bool(s.checkpointing), fp32_residual=fp32_residual)
     model = attach_lora(model, cfg.lora)
-    feature_cache = maybe_install_image_feature_cache(model, training=True, enabled=cfg.cache_image_features)
+    # A projector that trains over a frozen tower (the tiny model's): the tower's outputs can be
+    # cached instead, when they are precomputed and fit in host memory.
+    tower_level = False
+    if cfg.precompute_image_features and images:
+        tower_level, sizes = tower_cache_fits(model, images)
+        if not tower_level:
+            log.info("vision tower outputs not cacheable: %s exceed the host share", sizes)
+    feature_cache = maybe_install_image_feature_cache(model, training=True, enabled=cfg.cache_image_features,
+                                                      tower_level=tower_level)
     compiled_layers = 0
     if compile_wanted(cfg.compile, s.device):
         # With cached features the vision tower runs only before the first step (no_grad): its
@@ -246,7 +256,8 @@ def _run(s: _Setup) -> TrainResult:
     train_ds, eval_ds = _load_splits(s)
     run_dir, checkpoint = _run_dir(s)
     resumed_from = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-    model, processor, feature_cache, compiled_layers, fp32_residual, dequantized = _build_model(s)
+    model, processor, feature_cache, compiled_layers, fp32_residual, dequantized = _build_model(
+        s, images=len(set(train_ds["img_id"]) | set(eval_ds["img_id"])))
     trainable, total = trainable_parameters(model)
 
     # Training
