@@ -201,7 +201,7 @@ def _build_model(s: _Setup, images: int = 0):
     from ..models.loading import load_base_model, load_processor
     from ..models.lora import attach_lora
     from ..models.precision import dequantize_4bit_layers, dequantize_wanted, prepare_for_kbit_training
-    from ..vision.feature_cache import maybe_install_image_feature_cache
+    from ..vision.feature_cache import maybe_install_image_feature_cache, vision_cache_blocker
     from .features import tower_cache_fits
 
     cfg = s.cfg
@@ -221,9 +221,10 @@ def _build_model(s: _Setup, images: int = 0):
     model = prepare_for_kbit_training(model, bool(s.checkpointing), fp32_residual=fp32_residual)
     model = attach_lora(model, cfg.lora)
     # A projector that trains over a frozen tower (the tiny model's): the tower's outputs can be
-    # cached instead, when they are precomputed and fit in host memory.
+    # cached instead of the projected features, when they are precomputed and fit in host memory.
     tower_level = False
-    if cfg.precompute_image_features and images:
+    if cfg.cache_image_features and cfg.precompute_image_features and images \
+            and vision_cache_blocker(model, training=True):
         tower_level, sizes = tower_cache_fits(model, images)
         if not tower_level:
             log.info("vision tower outputs not cacheable: %s exceed the host share", sizes)
