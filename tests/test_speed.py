@@ -251,7 +251,7 @@ def test_tower_level_cache_trains_the_projector_as_the_uncached_model_does(tiny_
     plain_loss, plain_grads = loss_and_grads(build())
     model = build()
     assert maybe_install_image_feature_cache(model, training=True) is None  # the projector trains
-    cache = maybe_install_image_feature_cache(model, training=True, tower_level=True)
+    cache = maybe_install_image_feature_cache(model, training=True, tower_images=len(rows))
     assert cache is not None and cache.level == "tower"
     core = _multimodal_core(model)
     tower_calls = []
@@ -271,9 +271,15 @@ def test_tower_level_cache_trains_the_projector_as_the_uncached_model_does(tiny_
         hook.remove()
         cache.uninstall()
 
+    import vqatune.vision.feature_cache as feature_cache
+
+    with pytest.MonkeyPatch.context() as patch:  # tower outputs that would not fit: no cache
+        patch.setattr(feature_cache, "TOWER_CACHE_HOST_SHARE", 0.0)
+        assert maybe_install_image_feature_cache(model, training=True, tower_images=len(rows)) is None
+
     vision = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model_dir),
                             LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["multi_modal_projector"]))
-    assert maybe_install_image_feature_cache(vision, training=True, tower_level=True) is None
+    assert maybe_install_image_feature_cache(vision, training=True, tower_images=1) is None
 
 
 def test_no_cache_when_lora_reaches_the_vision_tower(tiny_model_dir):

@@ -29,23 +29,6 @@ class _KeyedPixels:
 # Share of the GPU's free memory (after the model is loaded) that precomputed image features may
 # take there; the rest is left to the steps' activations.
 FEATURE_TABLE_SHARE = 0.25
-# Share of the host's memory that the vision tower's outputs may take when they are cached (a
-# projector that trains over a frozen tower): MedGemma's are 4,096 x 1,152 per 896 px image,
-# ~19 MB in fp32, seven times its projected features.
-TOWER_CACHE_HOST_SHARE = 0.25
-
-
-def tower_cache_fits(model, images: int) -> tuple[bool, str]:
-    """Whether the vision tower's outputs for ``images`` images (fp32, the larger case) fit in
-    TOWER_CACHE_HOST_SHARE of the host's memory; and the sizes, for the log."""
-    import os
-
-    vision = model.config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2
-    need = images * tokens * vision.hidden_size * 4
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    budget = int(host * TOWER_CACHE_HOST_SHARE)
-    return need <= budget, f"{images} images x {tokens} x {vision.hidden_size}: {need / 2**30:.2f} GiB of {budget / 2**30:.1f}"
 
 
 def precompute_image_features(trainer, cache, collator, datasets, batch_size: int, num_workers: int) -> int:

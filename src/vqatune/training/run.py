@@ -201,8 +201,7 @@ def _build_model(s: _Setup, images: int = 0):
     from ..models.loading import load_base_model, load_processor
     from ..models.lora import attach_lora
     from ..models.precision import dequantize_4bit_layers, dequantize_wanted, prepare_for_kbit_training
-    from ..vision.feature_cache import maybe_install_image_feature_cache, vision_cache_blocker
-    from .features import tower_cache_fits
+    from ..vision.feature_cache import maybe_install_image_feature_cache
 
     cfg = s.cfg
     processor = load_processor(s.model_dir, trust_remote_code=s.trust_remote_code)
@@ -220,16 +219,11 @@ def _build_model(s: _Setup, images: int = 0):
     fp32_residual = cfg.fp32_residual and s.precision in ("bf16", "fp16")
     model = prepare_for_kbit_training(model, bool(s.checkpointing), fp32_residual=fp32_residual)
     model = attach_lora(model, cfg.lora)
-    # A projector that trains over a frozen tower (the tiny model's): the tower's outputs can be
-    # cached instead of the projected features, when they are precomputed and fit in host memory.
-    tower_level = False
-    if cfg.cache_image_features and cfg.precompute_image_features and images \
-            and vision_cache_blocker(model, training=True):
-        tower_level, sizes = tower_cache_fits(model, images)
-        if not tower_level:
-            log.info("vision tower outputs not cacheable: %s exceed the host share", sizes)
-    feature_cache = maybe_install_image_feature_cache(model, training=True, enabled=cfg.cache_image_features,
-                                                      tower_level=tower_level)
+    # A projector that trains over a frozen tower (the tiny model's): the tower's outputs are
+    # cached instead, when they are precomputed and fit in host memory.
+    feature_cache = maybe_install_image_feature_cache(
+        model, training=True, enabled=cfg.cache_image_features,
+        tower_images=images if cfg.precompute_image_features else 0)
     compiled_layers = 0
     if compile_wanted(cfg.compile, s.device):
         # With cached features the vision tower runs only before the first step (no_grad): its

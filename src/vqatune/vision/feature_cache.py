@@ -277,20 +277,41 @@ def install_image_feature_cache(model, device: str | torch.device | None = "cpu"
     return ImageFeatureCache(device=device, level=level).install(model, training=training)
 
 
+# Share of the host's memory that the vision tower's outputs may take when they are cached (a
+# projector that trains over a frozen tower): MedGemma's are 4,096 x 1,152 per 896 px image,
+# ~19 MB in fp32, seven times its projected features.
+TOWER_CACHE_HOST_SHARE = 0.25
+
+
+def tower_outputs_fit(model, images: int) -> tuple[bool, str]:
+    """Whether the vision tower's outputs for ``images`` images (fp32, the larger case) fit in
+    TOWER_CACHE_HOST_SHARE of the host's memory; and the sizes, for the log."""
+    import os
+
+    vision = model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    need = images * tokens * vision.hidden_size * 4
+    budget = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * TOWER_CACHE_HOST_SHARE)
+    return need <= budget, f"{images} images x {tokens} x {vision.hidden_size}: {need / 2**30:.2f} GiB of {budget / 2**30:.1f}"
+
+
 def maybe_install_image_feature_cache(model, *, training: bool, enabled: bool = True,
                                       device: str | torch.device | None = "cpu",
-                                      tower_level: bool = False) -> ImageFeatureCache | None:
+                                      tower_images: int = 0) -> ImageFeatureCache | None:
     """The cache when ``enabled`` and valid for ``model``, else None with the reason logged.
 
-    ``tower_level``: where the projected features cannot be cached but the vision tower's output
-    can (a projector that trains over a frozen tower), cache that (training only: the caller
-    checks that every image's tower output fits in memory, training.features)."""
+    ``tower_images``: the distinct images whose features training precomputes (0: none). Where
+    the projected features cannot be cached but the vision tower's output can (a projector that
+    trains over a frozen tower), and those images' tower outputs fit in memory, cache those."""
     if not enabled:
         return None
     reason = vision_cache_blocker(model, training=training)
-    if reason and tower_level and not vision_cache_blocker(model, training=training, level="tower"):
-        log.info("vision tower outputs cached, the projector run at every step: %s", reason)
-        return install_image_feature_cache(model, device, training=training, level="tower")
+    if reason and tower_images and not vision_cache_blocker(model, training=training, level="tower"):
+        fits, sizes = tower_outputs_fit(model, tower_images)
+        if fits:
+            log.info("vision tower outputs cached, the projector run at every step: %s", reason)
+            return install_image_feature_cache(model, device, training=training, level="tower")
+        reason += f"; its tower's outputs exceed the host share ({sizes})"
     if reason:
         log.info("image features computed every time: %s", reason)
         return None
