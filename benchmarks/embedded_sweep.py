@@ -21,7 +21,6 @@ runs.json: {"name": {"train": {"epochs": 7.0, "lora.vision_tower": false}, "mode
 from __future__ import annotations
 
 import argparse
-import collections
 import concurrent.futures
 import copy
 import json
@@ -36,7 +35,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_FP32 = {"precision": "fp32", "compute_dtype": "float32", "compile": False, "dequantize_base": False}
-SEARCHED = ("learning_rate", "gradient_accumulation_steps", "lora.r", "lora.alpha", "lora.dropout")
 
 # stages/train.py writes its curves through dvclive. A GPU machine without internet may lack it
 # (it pulls in DVC); the sweep reads no curves, so there the runs import this stand-in instead.
@@ -55,10 +53,11 @@ def run_files(name: str, spec: dict, params: dict, best: dict, device: str, fold
     if unknown:
         raise SystemExit(f"run {name}: unknown keys {sorted(unknown)} (allowed: train, model)")
     params, best = copy.deepcopy(params), dict(best)
+    searched = set(params["tune"]["search_space"]) | set(best)  # what best_params.json sets, it wins
     if device == "cuda":
         params["train"].update(GPU_FP32)
     for key, value in spec.get("train", {}).items():
-        if key in SEARCHED:
+        if key in searched:
             best[key] = value
         elif key.startswith("lora."):
             params["train"]["lora"][key[5:]] = value
@@ -90,40 +89,36 @@ def train_and_score(name: str, spec: dict, args, params: dict, best: dict, env: 
     result.update({key: metrics.get(key) for key in ("steps", "epochs", "seconds", "eval_loss_start", "eval_loss",
                                                      "examples_per_s", "device")})
     score = subprocess.run([sys.executable, __file__, "--score", str(folder), "--model", model, "--data", args.data,
-                            "--params", str(params_file), "--modes", args.modes],
+                            "--modes", args.modes],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.train_timeout)
     if score.returncode != 0:
         return {**result, "error": (score.stderr or score.stdout)[-1500:]}
     return {**result, **json.loads((folder / "scores.json").read_text())}
 
 
-def score(folder: Path, model: str, data: str, params_file: str, modes: list[str]) -> None:
-    """scores.json in ``folder``: the tuned adapter's exact match on the test split, per mode."""
+def score(folder: Path, model: str, data: str, modes: list[str]) -> None:
+    """scores.json in ``folder``: the tuned adapter's exact match on the test split, per mode, asked
+    with the prepared messages as the evaluate stage asks them."""
     import torch
 
-    from vqatune.config import load_params, section
     from vqatune.data.processed import load_prepared
-    from vqatune.evaluation.metrics import exact_match
+    from vqatune.evaluation.metrics import exact_match, mean_scores_by
+    from vqatune.evaluation.run import prompt_messages
     from vqatune.generation.generate import generate_answers
     from vqatune.models.loading import load_tuned_model
-    from vqatune.prompts import PromptsConfig, build_messages
 
     torch.set_num_threads(2)
-    prompts = section(load_params(params_file), "prompts", PromptsConfig)
     test = load_prepared(data)["test"]
     model, processor = load_tuned_model(model, folder / "adapter", device="cpu")
     out = {}
     for mode in modes:
-        messages = [build_messages(q, mode, prompts) for q in test["question"]]
+        messages = [prompt_messages(stored) for stored in test[f"messages_{mode}"]]
         answers = generate_answers(model, processor, messages, list(test["image"]), batch_size=32,
                                    max_new_tokens=40, image_keys=test["img_id"])
-        em = [exact_match(a, r) for a, r in zip(answers, test["answer"])]
-        groups = {"per_category": collections.defaultdict(list), "per_question": collections.defaultdict(list)}
-        for category, question, value in zip(test["category"], test["question"], em):
-            groups["per_category"][category].append(value)
-            groups["per_question"][question].append(value)
-        out[mode] = {"exact_match": round(sum(em) / len(em), 4), "rows": len(em),
-                     **{k: {g: round(sum(v) / len(v), 4) for g, v in sorted(d.items())} for k, d in groups.items()}}
+        rows = [{"exact_match": exact_match(a, r)} for a, r in zip(answers, test["answer"])]
+        out[mode] = {"exact_match": round(sum(r["exact_match"] for r in rows) / len(rows), 4), "rows": len(rows),
+                     **{key: {group: scores["exact_match"] for group, scores in mean_scores_by(rows, test[column]).items()}
+                        for key, column in (("per_category", "category"), ("per_question", "question"))}}
     (folder / "scores.json").write_text(json.dumps({"scores": out}, indent=1))
 
 
@@ -161,7 +156,7 @@ def main(argv=None):
     parser.add_argument("--score", help=argparse.SUPPRESS)  # internal: score one run folder
     args = parser.parse_args(argv)
     if args.score:
-        return score(Path(args.score), args.model, args.data, args.params, args.modes.split(","))
+        return score(Path(args.score), args.model, args.data, args.modes.split(","))
     if not args.runs:
         parser.error("--runs is required")
 
