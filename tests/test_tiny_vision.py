@@ -63,3 +63,69 @@ def test_build_with_pretraining_is_deterministic(tmp_path):
 
     cfg = ModelConfig(tiny_image_size=32, tiny_vision_pretraining_scenes=96, tiny_vision_pretraining_epochs=1)
     assert fingerprint(build_tiny_gemma3(tmp_path / "a", cfg)) == fingerprint(build_tiny_gemma3(tmp_path / "b", cfg))
+
+
+def test_scene_sets_grow_by_chunks_and_held_out_scenes_are_others():
+    from vqatune.models.tiny_vision import CHUNK, HELD_OUT_STREAM, TRAIN_STREAM, scene_set
+
+    small, _ = scene_set(CHUNK, 32, 0, TRAIN_STREAM)
+    large, y = scene_set(CHUNK + 50, 32, 0, TRAIN_STREAM)
+    assert large.shape[0] == CHUNK + 50 and y["thing"].shape == (CHUNK + 50, 9)
+    assert torch.equal(large[:CHUNK], small)  # a larger set starts with the same scenes
+    held, _ = scene_set(64, 32, 0, HELD_OUT_STREAM)
+    flat = lambda t: {tuple(row.flatten().tolist()) for row in t}  # noqa: E731
+    assert not flat(held) & flat(large)
+
+
+def test_the_bundled_tower_is_what_the_builtin_model_gets(tmp_path):
+    from safetensors.torch import load_file
+
+    from vqatune.config import ModelConfig, load_params, section
+    from vqatune.models.tiny import build_tiny_gemma3
+    from vqatune.models.tiny_vision import BUNDLED
+
+    cfg = section(load_params("params.yaml"), "model", ModelConfig)
+    assert cfg.tiny_vision_tower == "bundled"  # the embedded default uses it
+    out = build_tiny_gemma3(tmp_path / "m", cfg)
+    saved = load_file(str(out / "model.safetensors"))
+    bundled = load_file(str(BUNDLED))
+    assert len(bundled) > 10
+    for key, value in bundled.items():
+        assert torch.equal(saved["vision_tower.vision_model." + key], value), key
+    report = json.loads((out / "vqatune_builtin.json").read_text())["vision_tower"]
+    assert report["bundled"] == BUNDLED.name and report["scenes"] == 9600
+    assert report["held_out_accuracy"]["polyps"] > 0.9  # what the recipe bought (0.88 at 2,400 x 8)
+
+
+def test_a_tower_for_other_sizes_is_refused_with_what_to_do(tmp_path):
+    import pytest
+
+    from vqatune.config import ConfigError, ModelConfig
+    from vqatune.models.tiny import build_tiny_gemma3
+
+    with pytest.raises(ConfigError, match=r"model\.tiny_vision_tower: .*image_size 96.*image_size 32.*pretrain"):
+        build_tiny_gemma3(tmp_path / "m", ModelConfig(tiny_image_size=32, tiny_vision_tower="bundled"))
+
+
+def test_the_tower_command_saves_a_tower_the_build_loads(tmp_path):
+    import yaml
+    from transformers import Gemma3ForConditionalGeneration
+
+    from vqatune.config import ModelConfig
+    from vqatune.models.tiny import build_tiny_gemma3
+    from vqatune.models.tiny_vision import load_tower, main
+
+    model_section = {"tiny_image_size": 32, "tiny_vision_hidden_size": 16, "seed": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": model_section}))
+    out = tmp_path / "tower.safetensors"
+    assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--scenes", "64", "--epochs", "1",
+                 "--device", "cpu"]) == 0
+    fresh = Gemma3ForConditionalGeneration.from_pretrained(
+        build_tiny_gemma3(tmp_path / "random", ModelConfig(**model_section)))
+    before = {k: v.clone() for k, v in fresh.model.vision_tower.state_dict().items()}
+    recipe = load_tower(fresh, out)
+    assert recipe["scenes"] == 64 and recipe["seed"] == 3 and recipe["device"] == "cpu"
+    assert set(recipe["held_out_accuracy"]) >= {"thing", "polyps", "scene"}
+    after = fresh.model.vision_tower.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # pretrained, not the random start
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -173,9 +173,12 @@ class ModelConfig:
     tiny_layers: int = 2
     tiny_vision_hidden_size: int = 32
     tiny_vision_layers: int = 2
+    # bundled: the tower pretrained once and shipped with vqatune (models/tiny_vision_tower.safetensors,
+    # 96 px, vision hidden 64, 2 layers); pretrain: pretrained here on the scenes below.
+    tiny_vision_tower: str = "pretrain"
     # Scenes (of the synthetic world, a seed of their own) the tiny vision tower is pretrained on
-    # before anything else sees it: 0 leaves it random, which keeps test builds fast; params.yaml
-    # turns it on (models/tiny_vision.py says why a random tower cannot do).
+    # before anything else sees it: 0 leaves it random, which keeps test builds fast
+    # (models/tiny_vision.py says why a random tower cannot do).
     tiny_vision_pretraining_scenes: int = 0
     tiny_vision_pretraining_epochs: int = 8
 
@@ -190,6 +193,8 @@ class ModelConfig:
         require(self.tiny_vision_hidden_size >= 16 and self.tiny_vision_hidden_size % 16 == 0,
                 f"{p}.tiny_vision_hidden_size", "must be a multiple of 16, at least 16")
         require(self.tiny_vision_layers >= 1, f"{p}.tiny_vision_layers", "must be at least 1")
+        require(self.tiny_vision_tower in ("bundled", "pretrain"), f"{p}.tiny_vision_tower",
+                "must be bundled (the tower shipped with vqatune) or pretrain (pretrained in base_model)")
         require(self.tiny_vision_pretraining_scenes == 0 or self.tiny_vision_pretraining_scenes >= 64,
                 f"{p}.tiny_vision_pretraining_scenes", "must be 0 (a random tower) or at least 64")
         require(self.tiny_vision_pretraining_epochs >= 1, f"{p}.tiny_vision_pretraining_epochs",
