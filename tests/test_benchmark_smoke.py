@@ -352,3 +352,23 @@ def test_embedded_sweep_trains_each_variant_and_scores_it(tmp_path, tiny_model_d
     best = json.loads((tmp_path / "work" / "lm_only" / "best_params.json").read_text())["params"]
     assert best == {"learning_rate": 0.002}
     assert "| lm_only |" in (tmp_path / "embedded_sweep.md").read_text()
+
+
+def test_tiny_tower_recipes_trains_each_variant_on_shared_scenes(tmp_path):
+    import tiny_tower_recipes
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"tiny_image_size": 32,
+                                                                     "tiny_vision_hidden_size": 16}}))
+    (tmp_path / "v.json").write_text(json.dumps([{"scenes": 64, "epochs": 1}, {"scenes": 96, "epochs": 1,
+                                                                                 "batch_size": 32}]))
+    assert tiny_tower_recipes.main(["--variants", str(tmp_path / "v.json"), "--out", str(tmp_path / "r"),
+                                    "--params", str(tmp_path / "params.yaml"), "--device", "cpu",
+                                    "--workers", "1"]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["scenes"], r["batch_size"]) for r in rows] == [(64, 64), (96, 32)]
+    assert all(0 <= r["polyps"] <= 1 and r["seconds"] > 0 for r in rows)
+    assert (tmp_path / "r.md").read_text().count("\n| 64 | 1 | 64 |") == 1
+    with pytest.raises(SystemExit, match="unknown keys"):
+        (tmp_path / "bad.json").write_text(json.dumps([{"scene_weight": 0.3}]))
+        tiny_tower_recipes.main(["--variants", str(tmp_path / "bad.json"), "--out", str(tmp_path / "r2"),
+                                 "--params", str(tmp_path / "params.yaml"), "--device", "cpu"])

@@ -229,6 +229,10 @@ BAD_VALUES = [  # (stage that reads it, key, value, what the line must say)
     ("base_model", "model.tiny_vision_pretraining_scenes", 10,
      r"model\.tiny_vision_pretraining_scenes: must be 0 \(a random tower\) or at least 64"),
     ("base_model", "model.tiny_image_size", 0, r"model\.tiny_image_size"),
+    ("base_model", "model.tiny_vision_tower", "downloaded", r"model\.tiny_vision_tower: must be bundled .* or pretrain"),
+    # the bundled tower fits the committed sizes only; another size says what to do instead
+    ("base_model", "model.tiny_vision_hidden_size", 32,
+     r"model\.tiny_vision_tower: .*hidden_size 64.*hidden_size 32.*set model\.tiny_vision_tower: pretrain"),
     ("prepare", "prepare.image_size", 0, r"prepare\.image_size: must be at least 16"),
     ("prepare", "prepare.max_image_pixels", -1, r"prepare\.max_image_pixels: must be positive"),
     ("prepare", "prepare.synthetic_images", "many", r"prepare\.synthetic_images: expected an integer"),
