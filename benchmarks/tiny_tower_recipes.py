@@ -19,7 +19,6 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -48,29 +47,28 @@ def main(argv=None) -> int:
     start = dataclasses.replace(cfg, tiny_vision_tower="pretrain", tiny_vision_pretraining_scenes=0)
     with tempfile.TemporaryDirectory() as tmp:
         random_model = Gemma3ForConditionalGeneration.from_pretrained(build_tiny_gemma3(Path(tmp) / "m", start))
-    # Draw each set once: a set of n scenes is the first n of a larger one (tiny_vision.CHUNK).
-    drawn = {}
-    real_scene_set = tiny_vision.scene_set
+    # Each set is drawn once, as large as the largest variant asks; a set of n scenes is the
+    # first n of a larger one (tiny_vision.CHUNK), so each variant takes the head of it. Every
+    # variant is scored on the same held-out scenes: as many as the largest variant's.
+    most = max(v.get("scenes", tiny_vision.PretrainConfig.scenes) for v in variants)
+    held_out = max(64, most // 8)
+    drawn = {stream: tiny_vision.scene_set(n, cfg.tiny_image_size, cfg.seed, stream, args.workers)
+             for stream, n in ((tiny_vision.TRAIN_STREAM, most), (tiny_vision.HELD_OUT_STREAM, held_out))}
 
-    def scene_set(n, image_size, seed, stream, workers=1):
-        key = (image_size, seed, stream)
-        if key not in drawn or drawn[key][0].shape[0] < n:
-            need = max([n] + [v.get("scenes", 2400) for v in variants] if stream == tiny_vision.TRAIN_STREAM else [n])
-            drawn[key] = real_scene_set(need, image_size, seed, stream, args.workers)
-        x, y = drawn[key]
+    def scenes(n, stream):
+        x, y = drawn[stream]
         return x[:n], {name: t[:n] for name, t in y.items()}
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows = []
-    with mock.patch.object(tiny_vision, "scene_set", scene_set):
-        for v in variants:
-            pc = tiny_vision.PretrainConfig(**v, seed=cfg.seed, device=args.device)
-            model = copy.deepcopy(random_model)
-            began = time.perf_counter()
-            scores = tiny_vision.pretrain_vision_tower(model, cfg.tiny_image_size, pc)
-            row = {**{k: getattr(pc, k) for k in KEYS}, "seconds": round(time.perf_counter() - began, 1), **scores}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for v in variants:
+        pc = tiny_vision.PretrainConfig(**v, seed=cfg.seed, device=args.device, held_out=held_out)
+        model = copy.deepcopy(random_model)
+        began = time.perf_counter()
+        scores = tiny_vision.pretrain_vision_tower(model, cfg.tiny_image_size, pc, scenes=scenes)
+        row = {**{k: getattr(pc, k) for k in KEYS}, "seconds": round(time.perf_counter() - began, 1), **scores}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=1) + "\n")

@@ -179,9 +179,12 @@ def pooled_tokens(model, pixel_values):
     return projector.mm_soft_emb_norm(pooled)
 
 
-def pretrain_vision_tower(model, image_size: int, cfg: PretrainConfig, workers: int = 1) -> dict[str, float]:
+def pretrain_vision_tower(model, image_size: int, cfg: PretrainConfig, workers: int = 1,
+                          scenes=None) -> dict[str, float]:
     """Train ``model``'s vision tower in place on the dense scene targets; the heads are thrown
-    away after. Returns held-out accuracies per target (cells with something in them only)."""
+    away after. Returns held-out accuracies per target (cells with something in them only).
+    ``scenes``: a function (n, stream) -> ``scene_set``'s result, for callers that draw the
+    scenes once for several runs; by default they are drawn here by ``workers`` processes."""
     import torch
     from torch import nn
 
@@ -191,8 +194,9 @@ def pretrain_vision_tower(model, image_size: int, cfg: PretrainConfig, workers: 
         torch.manual_seed(cfg.seed)
         held_out = cfg.held_out or max(64, cfg.scenes // 8)
         dev = torch.device(cfg.device)
-        x, y = scene_set(cfg.scenes, image_size, cfg.seed, TRAIN_STREAM, workers)
-        hx, hy = scene_set(held_out, image_size, cfg.seed, HELD_OUT_STREAM, workers)
+        scenes = scenes or (lambda n, stream: scene_set(n, image_size, cfg.seed, stream, workers))
+        x, y = scenes(cfg.scenes, TRAIN_STREAM)
+        hx, hy = scenes(held_out, HELD_OUT_STREAM)
         x, y = x.to(dev), {name: t.to(dev) for name, t in y.items()}
         hx, hy = hx.to(dev), {name: t.to(dev) for name, t in hy.items()}
         tower = model.model.vision_tower
