@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         model = copy.deepcopy(random_model)
         began = time.perf_counter()
         scores = tiny_vision.pretrain_vision_tower(model, cfg.tiny_image_size, pc, scenes=scenes)
-        row = {**{k: getattr(pc, k) for k in KEYS}, "seconds": round(time.perf_counter() - began, 1), **scores}
+        row = {**{k: getattr(pc, k) for k in KEYS}, "seconds": round(time.perf_counter() - began, 3), **scores}
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = Path(args.out)
