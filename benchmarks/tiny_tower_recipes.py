@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,6 @@ import torch
 
 from vqatune.config import ModelConfig, load_params, section
 from vqatune.models import tiny_vision
-from vqatune.models.tiny import build_tiny_gemma3
 
 KEYS = ("scenes", "epochs", "batch_size", "learning_rate")
 
@@ -37,16 +34,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=16)
     args = parser.parse_args(argv)
-    from transformers import Gemma3ForConditionalGeneration
-
     variants = json.loads(Path(args.variants).read_text())
     for v in variants:
         if set(v) - set(KEYS):
             raise SystemExit(f"unknown keys {sorted(set(v) - set(KEYS))} (allowed: {', '.join(KEYS)})")
     cfg = section(load_params(args.params), "model", ModelConfig)
-    start = dataclasses.replace(cfg, tiny_vision_tower="pretrain", tiny_vision_pretraining_scenes=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        random_model = Gemma3ForConditionalGeneration.from_pretrained(build_tiny_gemma3(Path(tmp) / "m", start))
+    random_model = tiny_vision.random_start(cfg)
     # Each set is drawn once, as large as the largest variant asks; a set of n scenes is the
     # first n of a larger one (tiny_vision.CHUNK), so each variant takes the head of it. Every
     # variant is scored on the same held-out scenes: as many as the largest variant's.

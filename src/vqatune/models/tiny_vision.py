@@ -260,9 +260,10 @@ def pretrain_vision_tower(model, image_size: int, cfg: PretrainConfig, workers: 
         torch.set_num_threads(threads)
 
 
-# The tower `model.tiny_vision_tower: bundled` loads: pretrained once by `main` below with the recipe
-# in its metadata (9,600 scenes x 32 epochs, ~1.5 minutes on an H100, about half an hour on two
-# CPU cores), 16x the pretraining base_model can afford on 2 cores within the 10-minute run.
+# The tower `model.tiny_vision_tower: bundled` loads: pretrained once by `pretrain_vision_tower` with
+# the recipe in its metadata (9,600 scenes x 32 epochs, ~1.5 minutes on an H100, about half an hour
+# on two CPU cores; `main` below remakes it), 16x the pretraining base_model can afford on 2 cores
+# within the 10-minute run.
 BUNDLED = Path(__file__).with_name("tiny_vision_tower.safetensors")
 RECIPE_KEY = "vqatune_tiny_vision"
 
@@ -308,16 +309,26 @@ def load_tower(model, path: str | Path = BUNDLED) -> dict:
     return {k: v for k, v in meta.items() if k not in want}
 
 
+def random_start(cfg):
+    """The model base_model builds from the ``ModelConfig`` ``cfg``, its tower left random: where
+    every tower pretraining starts."""
+    import tempfile
+
+    from transformers import Gemma3ForConditionalGeneration
+
+    from .tiny import build_tiny_gemma3
+
+    start = dataclasses.replace(cfg, tiny_vision_tower="pretrain", tiny_vision_pretraining_scenes=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        return Gemma3ForConditionalGeneration.from_pretrained(build_tiny_gemma3(Path(tmp) / "m", start))
+
+
 def main(argv=None) -> int:
     """Pretrain the tiny tower that params.yaml's model section builds and save it (the bundled
     one: --scenes 9600 --epochs 32 --device cuda --workers 16 --out src/vqatune/models/tiny_vision_tower.safetensors)."""
-    import tempfile
-
     import torch
-    from transformers import Gemma3ForConditionalGeneration
 
     from ..config import ModelConfig, load_params, section
-    from .tiny import build_tiny_gemma3
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", required=True)
@@ -331,10 +342,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = section(load_params(args.params), "model", ModelConfig)
-    # the random tower base_model starts from: the same build, without a tower of its own
-    random_cfg = dataclasses.replace(cfg, tiny_vision_tower="pretrain", tiny_vision_pretraining_scenes=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Gemma3ForConditionalGeneration.from_pretrained(build_tiny_gemma3(Path(tmp) / "m", random_cfg))
+    model = random_start(cfg)
     pc = PretrainConfig(scenes=args.scenes, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=cfg.seed, device=args.device)
     scores = pretrain_vision_tower(model, cfg.tiny_image_size, pc, workers=args.workers)
