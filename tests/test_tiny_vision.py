@@ -129,3 +129,15 @@ def test_the_tower_command_saves_a_tower_the_build_loads(tmp_path):
     after = fresh.model.vision_tower.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # pretrained, not the random start
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_scene_set_draws_the_same_scenes_in_worker_processes():
+    """Chunks drawn by worker processes (spawned: a forked child could hang on torch's thread
+    pool) are the scenes one process draws, in the same order."""
+    from vqatune.models.tiny_vision import CHUNK, scene_set
+
+    x1, y1 = scene_set(CHUNK + 6, 32, seed=3, stream=1, workers=1)
+    x2, y2 = scene_set(CHUNK + 6, 32, seed=3, stream=1, workers=2)
+    assert x1.shape == (CHUNK + 6, 3, 32, 32)
+    assert torch.equal(x1, x2)
+    assert y1.keys() == y2.keys() and all(torch.equal(y1[k], y2[k]) for k in y1)

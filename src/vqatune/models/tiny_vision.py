@@ -153,13 +153,16 @@ def scene_set(n: int, image_size: int, seed: int, stream: int, workers: int = 1)
     """``n`` scenes (pixels and targets, as ``pretraining_scenes``) drawn in chunks of ``CHUNK``,
     chunk k from generator stream 1000 (seed + stream) + k; ``workers`` processes draw them."""
     import concurrent.futures
+    import multiprocessing
 
     import torch
 
     jobs = [(min(CHUNK, n - start), image_size, 1000 * (seed + stream) + k)
             for k, start in enumerate(range(0, n, CHUNK))]
     if workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: a forked child inherits torch's thread pool mid-state and can hang on its
+        # first tensor op (seen on a 2-core EPYC: both workers idle, the parent waiting forever)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             parts = list(pool.map(pretraining_scenes, *zip(*jobs)))
     else:
         parts = [pretraining_scenes(*job) for job in jobs]
