@@ -235,8 +235,9 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
     with torch.no_grad():
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, 1.0 / proj.shape[0] ** 0.5)
-    fold_world_contrast(model, image_size, cfg.seed)
     vision_report = {"pretrained": False}
+    if cfg.tiny_vision_tower != "bundled":  # the bundled tower replaces every tower weight, the fold's too
+        fold_world_contrast(model, image_size, cfg.seed)
     if cfg.tiny_vision_tower == "bundled":
         from .tiny_vision import BUNDLED, load_tower
 
