@@ -236,13 +236,13 @@ def build_tiny_gemma3(out_dir: str | Path, cfg: ModelConfig | None = None) -> Pa
         proj = model.model.multi_modal_projector.mm_input_projection_weight
         proj.normal_(0.0, 1.0 / proj.shape[0] ** 0.5)
     vision_report = {"pretrained": False}
-    if cfg.tiny_vision_tower != "bundled":  # the bundled tower replaces every tower weight, the fold's too
-        fold_world_contrast(model, image_size, cfg.seed)
-    if cfg.tiny_vision_tower == "bundled":
+    if cfg.tiny_vision_tower == "bundled":  # every tower weight comes from the file (no fold needed)
         from .tiny_vision import BUNDLED, load_tower
 
         vision_report = {"pretrained": True, "bundled": BUNDLED.name, **load_tower(model, BUNDLED)}
-    elif cfg.tiny_vision_pretraining_scenes:
+    else:
+        fold_world_contrast(model, image_size, cfg.seed)
+    if cfg.tiny_vision_tower == "pretrain" and cfg.tiny_vision_pretraining_scenes:
         from .tiny_vision import PretrainConfig, pretrain_vision_tower
 
         scores = pretrain_vision_tower(model, image_size, PretrainConfig(

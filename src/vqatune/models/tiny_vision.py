@@ -57,6 +57,10 @@ class PretrainConfig:
     device: str = "cpu"              # cuda: the bundled tower's recipe takes ~1.5 min on an H100
     held_out: int | None = None      # scenes scored after training; None = scenes // 8 (at least 64)
 
+    @property
+    def held_out_scenes(self) -> int:
+        return self.held_out or max(64, self.scenes // 8)
+
 
 # Scenes are drawn in chunks, each from a generator stream of its own, so that a set of any size
 # starts with the same scenes and a GPU machine can draw them in parallel. Training chunk k of
@@ -195,11 +199,10 @@ def pretrain_vision_tower(model, image_size: int, cfg: PretrainConfig, workers: 
     torch.set_num_threads(cfg.threads)  # fixed: the bits do not follow the machine's core count
     try:
         torch.manual_seed(cfg.seed)
-        held_out = cfg.held_out or max(64, cfg.scenes // 8)
         dev = torch.device(cfg.device)
         scenes = scenes or (lambda n, stream: scene_set(n, image_size, cfg.seed, stream, workers))
         x, y = scenes(cfg.scenes, TRAIN_STREAM)
-        hx, hy = scenes(held_out, HELD_OUT_STREAM)
+        hx, hy = scenes(cfg.held_out_scenes, HELD_OUT_STREAM)
         x, y = x.to(dev), {name: t.to(dev) for name, t in y.items()}
         hx, hy = hx.to(dev), {name: t.to(dev) for name, t in hy.items()}
         tower = model.model.vision_tower
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
     scores = pretrain_vision_tower(model, cfg.tiny_image_size, pc, workers=args.workers)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     recipe = {"scenes": pc.scenes, "epochs": pc.epochs, "batch_size": pc.batch_size, "learning_rate": pc.learning_rate,
-              "seed": pc.seed, "device": device, "held_out_scenes": max(64, pc.scenes // 8),
+              "seed": pc.seed, "device": device, "held_out_scenes": pc.held_out_scenes,
               "held_out_accuracy": scores}
     print(f"tower -> {save_tower(model, args.out, recipe)}: {json.dumps(recipe)}")
     return 0
