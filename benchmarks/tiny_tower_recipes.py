@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     # first n of a larger one (tiny_vision.CHUNK), so each variant takes the head of it. Every
     # variant is scored on the same held-out scenes: as many as the largest variant's.
     most = max(v.get("scenes", tiny_vision.PretrainConfig.scenes) for v in variants)
-    held_out = max(64, most // 8)
+    held_out = tiny_vision.PretrainConfig(scenes=most).held_out_scenes
     drawn = {stream: tiny_vision.scene_set(n, cfg.tiny_image_size, cfg.seed, stream, args.workers)
              for stream, n in ((tiny_vision.TRAIN_STREAM, most), (tiny_vision.HELD_OUT_STREAM, held_out))}
 
